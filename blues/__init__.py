@@ -1,0 +1,1 @@
+"""Blues: Mixture-of-Experts language models trained with DeepSpeed."""

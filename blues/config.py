@@ -1,0 +1,352 @@
+"""Blues configuration: one root `BluesConfig` composed of small dataclasses.
+
+Each part validates itself in `__post_init__` and raises `ValueError` naming the
+field, the value and what would be right. A config file (YAML or JSON) and CLI
+`key=value` overrides use the flat field names below; `from_dict` routes each
+name to the part that owns it, so nothing is configured twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+ATTN_BACKENDS = ("auto", "flash", "sdpa", "math")
+MOE_BACKENDS = ("auto", "torch", "triton", "deepspeed")
+ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _require(cond: bool, name: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}={value!r} is invalid: {expected}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
+             "expected a positive integer")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, name, value,
+             "expected a number >= 0")
+
+
+def _probability(name: str, value: Any) -> None:
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, name, value,
+             "expected a probability in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    """Vocabulary size; must match the tokenizer and the prepared data."""
+    block_size: int = 512
+    """Longest sequence the model attends over (context length)."""
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    """Model width D."""
+    num_kv_heads: int = 2
+    """Key/value heads: 1 is multi-query, n_head is multi-head, between is grouped-query."""
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    """Share the token embedding with the LM head."""
+    attn_backend: str = "auto"
+    """auto | flash | sdpa | math. auto: flash-attn on CUDA in fp16/bf16 when installed, else SDPA."""
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "num_kv_heads"):
+            _positive_int(name, getattr(self, name))
+        _require(self.n_embd % self.n_head == 0, "n_embd", self.n_embd,
+                 f"must be divisible by n_head={self.n_head}")
+        _require((self.n_embd // self.n_head) % 2 == 0, "n_embd", self.n_embd,
+                 f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
+        _require(self.num_kv_heads <= self.n_head and self.n_head % self.num_kv_heads == 0, "num_kv_heads",
+                 self.num_kv_heads, f"must divide n_head={self.n_head} (1 = MQA, n_head = MHA)")
+        _probability("dropout", self.dropout)
+        _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "expected a number > 0")
+        _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "expected a number > 0")
+        _require(self.init_std > 0, "init_std", self.init_std, "expected a number > 0")
+        _require(self.attn_backend in ATTN_BACKENDS, "attn_backend", self.attn_backend,
+                 f"expected one of {', '.join(ATTN_BACKENDS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    expert_ffn_size: int = 1024
+    """Hidden size F of each SwiGLU expert."""
+    router_noise_std: float = 1.0
+    """Std of the Gaussian noise added to router logits in training only (scaled by 1/num_experts)."""
+    router_score_func: str = "softmax"
+    """softmax (probabilities over experts, fp32) or sigmoid (independent scores)."""
+    norm_topk_prob: bool = True
+    """Renormalise the k selected weights to sum to 1."""
+    aux_loss_coef: float = 0.01
+    """Weight of the Switch load-balancing loss."""
+    z_loss_coef: float = 0.001
+    """Weight of the router z-loss (mean squared logsumexp of router logits)."""
+    capacity_factor: Optional[float] = None
+    """Capacity per expert = ceil(capacity_factor * tokens * top_k / num_experts); None drops no token."""
+    num_shared_experts: int = 0
+    """Always-active SwiGLU experts added to every MoE layer's output."""
+    expert_dropout: float = 0.0
+    """Dropout on the experts' hidden activations (training only)."""
+    moe_layer_freq: int = 1
+    """Every moe_layer_freq-th layer (after the first num_dense_layers) is MoE, the others dense."""
+    num_dense_layers: int = 0
+    """The first k layers use a dense SwiGLU MLP (DeepSeek's first-k-dense)."""
+    dense_ffn_size: Optional[int] = None
+    """Hidden size of dense MLP layers; None = expert_ffn_size * top_k (same active parameters)."""
+    moe_backend: str = "auto"
+    """auto | torch | triton | deepspeed. auto: Triton on CUDA, torch elsewhere."""
+
+    def __post_init__(self):
+        for name in ("num_experts", "top_k", "expert_ffn_size", "moe_layer_freq"):
+            _positive_int(name, getattr(self, name))
+        _require(self.top_k <= self.num_experts, "top_k", self.top_k,
+                 f"must be <= num_experts={self.num_experts}")
+        for name in ("router_noise_std", "aux_loss_coef", "z_loss_coef"):
+            _non_negative(name, getattr(self, name))
+        _require(self.router_score_func in ROUTER_SCORE_FUNCS, "router_score_func", self.router_score_func,
+                 f"expected one of {', '.join(ROUTER_SCORE_FUNCS)}")
+        if self.capacity_factor is not None:
+            _require(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0,
+                     "capacity_factor", self.capacity_factor, "expected a number > 0, or None for no token dropping")
+        _require(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0, "num_shared_experts",
+                 self.num_shared_experts, "expected an integer >= 0")
+        _require(isinstance(self.num_dense_layers, int) and self.num_dense_layers >= 0, "num_dense_layers",
+                 self.num_dense_layers, "expected an integer >= 0")
+        _probability("expert_dropout", self.expert_dropout)
+        if self.dense_ffn_size is not None:
+            _positive_int("dense_ffn_size", self.dense_ffn_size)
+        _require(self.moe_backend in MOE_BACKENDS, "moe_backend", self.moe_backend,
+                 f"expected one of {', '.join(MOE_BACKENDS)}")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        if layer_idx < self.num_dense_layers:
+            return False
+        return (layer_idx - self.num_dense_layers) % self.moe_layer_freq == 0
+
+    @property
+    def dense_hidden(self) -> int:
+        return self.dense_ffn_size if self.dense_ffn_size is not None else self.expert_ffn_size * self.top_k
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = "data_cache"
+    """Prepared data (blues-prepare output); prepared from the built-in corpus when empty."""
+    out_dir: str = "out"
+    """Checkpoints, monitor logs and exported weights."""
+    micro_batch_size: int = 8
+    """Sequences per device per micro-step (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step (DeepSpeed's gradient_accumulation_steps)."""
+    max_steps: int = 300
+    lr: float = 1e-3
+    """Peak learning rate (alpha_max) reached after warmup."""
+    min_lr: float = 1e-4
+    """Floor of the cosine decay (alpha_min)."""
+    warmup_steps: int = 30
+    """Linear warmup length (T_w)."""
+    lr_decay_steps: Optional[int] = None
+    """Step at which the cosine reaches min_lr (T_c); None = max_steps."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables."""
+    dtype: str = "fp32"
+    """fp32 | bf16 | fp16; must agree with the DeepSpeed config."""
+    ep_size: int = 1
+    """Expert-parallel group size: experts are split over this many ranks."""
+    gradient_checkpointing: bool = False
+    seed: int = 1337
+    eval_interval: int = 100
+    eval_steps: int = 20
+    log_interval: int = 10
+    save_interval: int = 100
+    keep_last: int = 3
+    """Checkpoints kept in out_dir; older ones are deleted after a newer one is complete."""
+    max_bad_steps: int = 5
+    """Consecutive non-finite losses after which the run stops."""
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "ep_size", "eval_interval", "eval_steps",
+                     "log_interval", "save_interval", "keep_last", "max_bad_steps"):
+            _positive_int(name, getattr(self, name))
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            _non_negative(name, getattr(self, name))
+        _require(self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be <= lr={self.lr}")
+        _require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", self.warmup_steps,
+                 "expected an integer >= 0")
+        if self.lr_decay_steps is not None:
+            _positive_int("lr_decay_steps", self.lr_decay_steps)
+        for name in ("beta1", "beta2"):
+            _probability(name, getattr(self, name))
+        _require(self.dtype in DTYPES, "dtype", self.dtype, f"expected one of {', '.join(DTYPES)}")
+
+
+# Names accepted in files for compatibility (Blues-01 and Hugging Face spellings).
+ALIASES = {
+    "num_key_value_heads": "num_kv_heads",
+    "d_model": "n_embd",
+    "num_layers": "n_layer",
+    "num_heads": "n_head",
+    "max_seq_len": "block_size",
+    "first_k_dense": "num_dense_layers",
+    "batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+}
+
+# Fields that fix the shape of the weights: a checkpoint resumed under a config that
+# changes any of these cannot be loaded.
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "n_layer", "n_head", "n_embd", "num_kv_heads", "tie_embeddings",
+    "num_experts", "expert_ffn_size", "num_shared_experts", "moe_layer_freq", "num_dense_layers",
+    "dense_ffn_size",
+)
+
+
+@dataclass
+class BluesConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    PARTS = ("model", "moe", "train")
+
+    @classmethod
+    def field_owner(cls) -> dict[str, str]:
+        """Flat field name -> part that owns it."""
+        owner = {}
+        for part, part_cls in (("model", ModelConfig), ("moe", MoEConfig), ("train", TrainConfig)):
+            for f in fields(part_cls):
+                assert f.name not in owner, f"field {f.name} defined twice"
+                owner[f.name] = part
+        return owner
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BluesConfig":
+        """Build from flat names (a config file) or nested {'model': {...}, ...}; unknown names are refused."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be a mapping of field names to values, got {type(d).__name__}")
+        owner = cls.field_owner()
+        parts: dict[str, dict[str, Any]] = {p: {} for p in cls.PARTS}
+        flat: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in cls.PARTS and isinstance(value, dict):
+                flat.update(value)
+            else:
+                flat[key] = value
+        unknown = []
+        for key, value in flat.items():
+            name = ALIASES.get(key, key)
+            if name not in owner:
+                unknown.append(key)
+                continue
+            if name in parts[owner[name]]:
+                raise ValueError(f"config field {name!r} is given twice (as {key!r} and an alias)")
+            parts[owner[name]][name] = value
+        if unknown:
+            import difflib
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, list(owner) + list(ALIASES), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"unknown config field(s): {', '.join(hints)}")
+        return cls(model=ModelConfig(**parts["model"]), moe=MoEConfig(**parts["moe"]),
+                   train=TrainConfig(**parts["train"]))
+
+    @classmethod
+    def from_file(cls, path: str) -> "BluesConfig":
+        """Load a YAML (.yaml/.yml) or JSON file of flat field names."""
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+                d = yaml.safe_load(text) or {}
+            else:
+                d = json.loads(text)
+        except Exception as e:  # parse errors of either format
+            raise ValueError(f"config file {path!r} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: {e}") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat field names -> values; `from_dict(to_dict())` gives an equal config."""
+        out: dict[str, Any] = {}
+        for part in self.PARTS:
+            out.update(dataclasses.asdict(getattr(self, part)))
+        return out
+
+    def replace(self, **overrides: Any) -> "BluesConfig":
+        """A new config with flat-named fields replaced (validated)."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            d[ALIASES.get(key, key)] = value
+        return BluesConfig.from_dict(d)
+
+    def with_overrides(self, items: list[str]) -> "BluesConfig":
+        """Apply CLI `key=value` strings; values are parsed as YAML scalars (3, 1e-3, true, null)."""
+        import yaml
+        overrides = {}
+        for item in items:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} must look like key=value")
+            key, raw = item.split("=", 1)
+            overrides[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+        return self.replace(**overrides)
+
+    def architecture_diff(self, other: "BluesConfig") -> list[str]:
+        """Fields that change the weights' shapes: 'name: mine -> other' for each that differs."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in ARCHITECTURE_FIELDS if a[k] != b[k]]
+
+    def __post_init__(self):
+        assert isinstance(self.model, ModelConfig) and isinstance(self.moe, MoEConfig)
+        _require(self.moe.num_experts % self.train.ep_size == 0, "ep_size", self.train.ep_size,
+                 f"must divide num_experts={self.moe.num_experts}")
+
+
+# ----------------------------------------------------------------------------- presets
+
+def blues01() -> BluesConfig:
+    """Blues-01: 6 layers, 8 heads, 512 wide, 2 KV heads (GQA), 8 experts top-2, block 512."""
+    return BluesConfig(
+        model=ModelConfig(vocab_size=8192, block_size=512, n_layer=6, n_head=8, n_embd=512, num_kv_heads=2),
+        moe=MoEConfig(num_experts=8, top_k=2, expert_ffn_size=1024),
+    )
+
+
+def tiny() -> BluesConfig:
+    """A model that trains in minutes on 2 CPU cores: 2 layers, 128 wide, 4 experts top-2, block 128."""
+    return BluesConfig(
+        model=ModelConfig(vocab_size=4096, block_size=128, n_layer=2, n_head=4, n_embd=128, num_kv_heads=1),
+        moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=256),
+        train=TrainConfig(micro_batch_size=8, max_steps=200, warmup_steps=20, eval_interval=50, eval_steps=10,
+                          log_interval=10, save_interval=100, lr=2e-3, min_lr=2e-4),
+    )
+
+
+PRESETS = {"blues01": blues01, "tiny": tiny}
+
+
+def get_preset(name: str) -> BluesConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is unknown: expected one of {', '.join(PRESETS)}")
+    return PRESETS[name]()

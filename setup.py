@@ -1,0 +1,45 @@
+"""Blues: Mixture-of-Experts language models trained with DeepSpeed.
+
+The Triton kernels live in the top-level ``kernels/`` folder but install as
+``blues.kernels``: another widely installed distribution already owns the
+import name ``kernels``.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="blues",
+    version="0.1.0",
+    description="Mixture-of-Experts language models trained with DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["blues", "blues.*"]) + ["blues.kernels"],
+    package_dir={"blues.kernels": "kernels"},
+    package_data={"blues": ["assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "triton>=3.0; platform_system == 'Linux'",
+        "tiktoken>=0.7",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "rustbpe>=0.1",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard"],
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "blues-prepare=blues.data:main",
+            "blues-train=blues.train:main",
+            "blues-generate=blues.generate:main",
+            "blues-probe=blues.memory_probe:main",
+            "blues-submit=blues.submit:main",
+        ]
+    },
+)
