@@ -87,8 +87,8 @@ class MoEConfig:
     top_k: int = 2
     expert_ffn_size: int = 1024
     """Hidden size F of each SwiGLU expert."""
-    router_noise_std: float = 1.0
-    """Std of the Gaussian noise added to router logits in training only (scaled by 1/num_experts)."""
+    router_noise_std: float = 0.1
+    """Std of the Gaussian noise added to router logits in training only (exploration)."""
     router_score_func: str = "softmax"
     """softmax (probabilities over experts, fp32) or sigmoid (independent scores)."""
     norm_topk_prob: bool = True

@@ -1,0 +1,176 @@
+"""Grouped-query attention with RoPE and a KV cache.
+
+Shapes: B batch, T query tokens, S key tokens (cache + new), H query heads, G = num_kv_heads
+(1 = multi-query, H = multi-head), Dh head size, D = H * Dh model width.
+
+Backends, chosen once per (device, dtype) and logged once:
+  flash  flash-attn's flash_attn_func (installed, CUDA, fp16/bf16); GQA native
+  sdpa   torch's scaled_dot_product_attention with enable_gqa=True
+  math   plain matmul + softmax in fp32: the reference the others are tested against
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from blues.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+try:  # optional extra: pip install -e .[flash]
+    from flash_attn import flash_attn_func  # type: ignore
+except Exception:  # ImportError, or a broken CUDA build
+    flash_attn_func = None
+
+_LOGGED: set = set()
+
+
+def _log_once(key, msg: str) -> None:
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info(msg)
+
+
+def resolve_attn_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs for `requested` on this device and dtype (logs the choice once)."""
+    flash_ok = flash_attn_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if requested == "flash":
+        if not flash_ok:
+            why = ("flash-attn is not installed (pip install -e .[flash])" if flash_attn_func is None
+                   else f"flash-attn needs CUDA and fp16/bf16, got {device.type} {dtype}")
+            raise ValueError(f"attn_backend='flash' cannot run: {why}; use attn_backend='sdpa' or 'auto'")
+        return "flash"
+    if requested == "auto":
+        backend = "flash" if flash_ok else "sdpa"
+        if backend == "sdpa":
+            reason = "flash-attn not installed" if flash_attn_func is None else f"{device.type} {dtype}"
+            _log_once(("attn", device.type, dtype), f"attention backend: sdpa ({reason})")
+        else:
+            _log_once(("attn", device.type, dtype), "attention backend: flash-attn")
+        return backend
+    return requested
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary position embeddings (rotate-half convention)."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (Dh/2,)
+        t = torch.arange(max_len, dtype=torch.float64)
+        freqs = torch.outer(t, inv_freq)  # (max_len, Dh/2)
+        # Not persistent: derived from the config, so checkpoints never carry a stale table.
+        self.register_buffer("cos", freqs.cos().float(), persistent=False)
+        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start:start + length], self.sin[start:start + length]  # (T, Dh/2) each
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, heads, Dh); cos/sin (T, Dh/2). Rotation in fp32, result in x's dtype."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Per-layer key/value buffers holding only the G = num_kv_heads heads.
+
+    k, v: (n_layer, B, G, max_len, Dh). `pos` is the number of positions already filled.
+    An MQA cache (G=1) is n_head times smaller than the MHA cache of the same model.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (n_layer, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, G, T, Dh) at the current position; return the filled prefix (B, G, pos+T, Dh)."""
+        T = k.shape[2]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos} used, {T} more asked")
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float = 0.0
+                     ) -> torch.Tensor:
+    """q (B, H, T, Dh); k, v (B, G, S, Dh) with S >= T; query i sits at position S - T + i.
+    Returns (B, H, T, Dh)."""
+    B, H, T, Dh = q.shape
+    G, S = k.shape[1], k.shape[2]
+    if backend == "flash":
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                              causal=True)  # bottom-right aligned causal mask when S > T
+        return out.transpose(1, 2)
+    if backend == "sdpa":
+        if T == S:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
+        # SDPA's is_causal aligns the mask top-left when T != S; decoding needs it bottom-right.
+        mask = None if T == 1 else _bottom_right_mask(T, S, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
+    assert backend == "math", backend
+    k = k.repeat_interleave(H // G, dim=1)  # (B, H, S, Dh)
+    v = v.repeat_interleave(H // G, dim=1)
+    att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(Dh))  # (B, H, T, S)
+    att = att.masked_fill(~_bottom_right_mask(T, S, q.device), float("-inf"))
+    att = torch.softmax(att, dim=-1)
+    if dropout_p > 0:
+        att = F.dropout(att, p=dropout_p)
+    return (att @ v.float()).to(q.dtype)
+
+
+def _bottom_right_mask(T: int, S: int, device) -> torch.Tensor:
+    """(T, S) bool, True where query i (at position S-T+i) may see key j."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return j <= i + (S - T)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.num_kv_heads, self.head_dim = cfg.n_head, cfg.num_kv_heads, cfg.head_dim
+        D = cfg.n_embd
+        self.wq = nn.Linear(D, self.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, D, bias=False)
+        self.attn_backend = cfg.attn_backend
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
+        k = self.wk(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, Dh)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, G, S, Dh)
+        backend = resolve_attn_backend(self.attn_backend, x.device, x.dtype)
+        y = causal_attention(q, k, v, backend, self.dropout if self.training else 0.0)  # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.wo(y))

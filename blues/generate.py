@@ -1,0 +1,232 @@
+"""Text generation for Blues models, and the `blues-generate` CLI.
+
+Arguments follow Hugging Face's names (max_new_tokens, temperature, top_k, top_p,
+eos_token_id, use_cache); `output_len` (the Blues-01 name) is accepted for max_new_tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+Prompt = Union[str, Sequence[int], Sequence[str], Sequence[Sequence[int]], torch.Tensor]
+
+
+def _check_args(temperature, top_k, top_p, max_new_tokens):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an integer >= 0")
+    if temperature is None or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: expected a number >= 0 (0 = greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} is invalid: expected an integer >= 1, or None")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} is invalid: expected a number in (0, 1], or None")
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _normalise_prompt(prompt: Prompt, tokenizer) -> tuple[list[list[int]], str]:
+    """-> (token lists, kind) where kind is 'str', 'strs', 'ids' or 'batch'."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a string prompt needs a tokenizer: pass tokenizer=... or load the model with "
+                             "from_pretrained from a folder that holds one")
+        return [tokenizer.encode(prompt)], "str"
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() == 1:
+            return [prompt.tolist()], "ids"
+        if prompt.dim() == 2:
+            return [row.tolist() for row in prompt], "batch"
+        raise ValueError(f"a tensor prompt must be (T,) or (B, T), got shape {tuple(prompt.shape)}")
+    prompt = list(prompt)
+    if prompt and all(isinstance(p, str) for p in prompt):
+        if tokenizer is None:
+            raise ValueError("string prompts need a tokenizer")
+        return [tokenizer.encode(p) for p in prompt], "strs"
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)], "ids"
+    if all(isinstance(p, (list, tuple)) for p in prompt):
+        return [list(p) for p in prompt], "batch"
+    raise ValueError("prompt must be a string, a list of strings, a list of token ids, or a list of such lists")
+
+
+@torch.no_grad()
+def _generate_ids(model, ids: list[list[int]], max_new_tokens: int, temperature: float, top_k, top_p,
+                  eos: set[int], generator, use_cache: bool) -> Iterator[torch.Tensor]:
+    """Yields the next token of every sequence, (B,) per step; sequences share one length."""
+    device = model.tok_emb.weight.device
+    block = model.config.model.block_size
+    x = torch.tensor(ids, dtype=torch.long, device=device)  # (B, T)
+    B = x.shape[0]
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = model.new_kv_cache(B) if use_cache else None
+    logits = model(x, kv_cache=cache).logits[:, -1]  # (B, V)
+    seq = x
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        yield nxt
+        if eos:
+            finished |= torch.isin(nxt, torch.tensor(sorted(eos), device=device))
+            if bool(finished.all()):
+                return
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if step == max_new_tokens - 1:
+            return
+        if cache is not None and cache.pos < block:
+            logits = model(nxt[:, None], kv_cache=cache).logits[:, -1]
+        else:
+            # No cache, or the context is full: recompute over the last block_size tokens.
+            cache = None
+            logits = model(seq[:, -block:]).logits[:, -1]
+
+
+def generate(model, prompt: Prompt, max_new_tokens: Optional[int] = None, *, temperature: float = 1.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None,
+             eos_token_id: Union[int, Sequence[int], None] = None, seed: Optional[int] = None,
+             stream: bool = False, use_cache: bool = True, tokenizer=None, output_len: Optional[int] = None):
+    """Continue `prompt` with up to max_new_tokens sampled tokens.
+
+    prompt: a string or list of strings (decoded text is returned), token ids (B=1) or a batch of
+    token-id lists / a (B, T) tensor (new token ids are returned, per sequence). Generation stops
+    at an eos token (not included in the output); with a tokenizer, eos defaults to <|endoftext|>.
+    stream=True returns an iterator of new pieces (text for string prompts, ids otherwise; B=1).
+    """
+    if max_new_tokens is None:
+        max_new_tokens = output_len if output_len is not None else 64
+    elif output_len is not None and output_len != max_new_tokens:
+        raise ValueError(f"max_new_tokens={max_new_tokens} and output_len={output_len} disagree: give one")
+    _check_args(temperature, top_k, top_p, max_new_tokens)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    seqs, kind = _normalise_prompt(prompt, tokenizer)
+    block, V = model.config.model.block_size, model.config.model.vocab_size
+    for s in seqs:
+        if len(s) == 0:
+            raise ValueError("prompt is empty: give at least one token")
+        if len(s) > block:
+            raise ValueError(f"prompt has {len(s)} tokens, more than block_size={block}")
+        bad = [t for t in s if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
+    if eos_token_id is None:
+        eos = {tokenizer.eot_id} if tokenizer is not None and hasattr(tokenizer, "eot_id") else set()
+    else:
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        if stream:
+            if len(seqs) != 1:
+                raise ValueError(f"stream=True takes one prompt, got {len(seqs)}")
+            return _stream(model, seqs[0], kind, max_new_tokens, temperature, top_k, top_p, eos, generator,
+                           use_cache, tokenizer, was_training)
+        # Prompts of equal length run as one batch; different lengths run in groups of equal length
+        # (no padding, so RoPE positions and the cache stay exact).
+        results: list[list[int]] = [[] for _ in seqs]
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(seqs):
+            groups.setdefault(len(s), []).append(i)
+        for members in groups.values():
+            done = [False] * len(members)
+            for nxt in _generate_ids(model, [seqs[i] for i in members], max_new_tokens, temperature, top_k,
+                                     top_p, eos, generator, use_cache):
+                for j, tok in enumerate(nxt.tolist()):
+                    if done[j]:
+                        continue
+                    if tok in eos:
+                        done[j] = True
+                    else:
+                        results[members[j]].append(tok)
+    finally:
+        if not stream:
+            model.train(was_training)
+    if kind == "str":
+        return tokenizer.decode(results[0])
+    if kind == "strs":
+        return [tokenizer.decode(r) for r in results]
+    if kind == "ids":
+        return results[0]
+    return results
+
+
+def _stream(model, ids, kind, max_new_tokens, temperature, top_k, top_p, eos, generator, use_cache, tokenizer,
+            was_training):
+    try:
+        new: list[int] = []
+        emitted = ""
+        for nxt in _generate_ids(model, [ids], max_new_tokens, temperature, top_k, top_p, eos, generator,
+                                 use_cache):
+            tok = int(nxt[0])
+            if tok in eos:
+                break
+            if kind == "str":
+                new.append(tok)
+                text = tokenizer.decode(new)
+                # Hold back a piece that ends inside a multi-byte character (decoded as U+FFFD).
+                if not text.endswith("\ufffd"):
+                    yield text[len(emitted):]
+                    emitted = text
+            else:
+                yield tok
+        if kind == "str":
+            text = tokenizer.decode(new)
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+    finally:
+        model.train(was_training)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="blues-generate", description="Generate text from a Blues model folder "
+                                "written by save_pretrained (e.g. out/export after blues-train).")
+    p.add_argument("--model", required=True, help="folder with model.safetensors, config.json, tokenizer")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max_new_tokens", "--output_len", type=int, default=100, dest="max_new_tokens")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence at every step")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        from blues.model import Blues
+        model = Blues.from_pretrained(args.model, map_location=args.device)
+        if model.tokenizer is None:
+            raise ValueError(f"{args.model!r} holds no tokenizer (tokenizer.json): it cannot take a text prompt")
+        for piece in generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True,
+                              use_cache=not args.no_cache):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except ValueError as e:
+        print(f"blues-generate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""The Blues model: a decoder-only MoE transformer.
+
+Shapes: B batch, T tokens, D = n_embd, V vocabulary, E experts, L_moe MoE layers.
+
+tok_emb -> n_layer x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> lm_head
+where attn is grouped-query attention with RoPE and mlp is an MoE layer (or a dense SwiGLU
+for the first num_dense_layers and between MoE layers when moe_layer_freq > 1).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from blues.attention import Attention, KVCache, RotaryEmbedding
+from blues.config import BluesConfig
+from blues.moe import MoEOutput, SwiGLU, build_mlp
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class BluesOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, V)
+    loss: Optional[torch.Tensor]  # ce_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss
+    ce_loss: Optional[torch.Tensor]
+    aux_loss: torch.Tensor  # unweighted, mean over MoE layers
+    z_loss: torch.Tensor  # unweighted, mean over MoE layers
+    expert_counts: Optional[torch.Tensor]  # (L_moe, E) long, assignments kept per expert
+    dropped: torch.Tensor  # long scalar, assignments dropped by capacity, all layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Block(nn.Module):
+    def __init__(self, config: BluesConfig, layer_idx: int):
+        super().__init__()
+        mc = config.model
+        self.attn_norm = RMSNorm(mc.n_embd, mc.norm_eps)
+        self.attn = Attention(mc, layer_idx)
+        self.mlp_norm = RMSNorm(mc.n_embd, mc.norm_eps)
+        self.mlp = build_mlp(config, layer_idx)
+        self.is_moe = not isinstance(self.mlp, SwiGLU)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+        h = self.mlp(self.mlp_norm(x))
+        if self.is_moe:
+            return (x + h.out, h.aux_loss, h.z_loss, h.counts, h.dropped)
+        return (x + h,)
+
+
+class Blues(nn.Module):
+    def __init__(self, config: BluesConfig):
+        super().__init__()
+        self.config = config
+        mc = config.model
+        self.tok_emb = nn.Embedding(mc.vocab_size, mc.n_embd)
+        self.drop = nn.Dropout(mc.dropout)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(mc.n_layer)])
+        self.norm = RMSNorm(mc.n_embd, mc.norm_eps)
+        self.lm_head = nn.Linear(mc.n_embd, mc.vocab_size, bias=False)
+        if mc.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.rope = RotaryEmbedding(mc.head_dim, mc.block_size, mc.rope_theta)
+        self.gradient_checkpointing = False
+        self.tokenizer = None  # set by from_pretrained when the folder holds one
+        self.apply(self._init_weights)
+        # Residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2): keeps the residual stream's
+        # variance independent of depth at init.
+        resid_std = mc.init_std / (2 * mc.n_layer) ** 0.5
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.wo.weight", "w_down.weight", "experts.w_down")):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.model.init_std
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() == 3:  # stacked expert weights
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    # ------------------------------------------------------------------ forward
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each block in backward instead of keeping its activations."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None) -> BluesOutput:
+        B, T = input_ids.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.model.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.model.block_size}")
+        cos, sin = self.rope(start, T)
+        x = self.drop(self.tok_emb(input_ids))  # (B, T, D)
+        aux, zl, counts, dropped = [], [], [], []
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and kv_cache is None:
+                outs = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                outs = block(x, cos, sin, kv_cache)
+            x = outs[0]
+            if len(outs) > 1:
+                aux.append(outs[1]); zl.append(outs[2]); counts.append(outs[3]); dropped.append(outs[4])
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux_loss = torch.stack(aux).mean() if aux else zero
+        z = torch.stack(zl).mean() if zl else zero
+        expert_counts = torch.stack(counts) if counts else None
+        n_dropped = torch.stack(dropped).sum() if dropped else torch.zeros((), dtype=torch.long, device=x.device)
+        ce = loss = None
+        if targets is not None:
+            ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            mo = self.config.moe
+            loss = ce + mo.aux_loss_coef * aux_loss + mo.z_loss_coef * z
+        return BluesOutput(logits, loss, ce, aux_loss, z, expert_counts, n_dropped)
+
+    # ------------------------------------------------------------------ accounting
+    def num_params(self, active_only: bool = False, non_embedding: bool = False) -> int:
+        """Parameter count; active_only counts top_k of the num_experts experts (what one token uses)."""
+        total = 0
+        m = self.config.moe
+        for name, p in self.named_parameters():  # tied weights are yielded once
+            n = p.numel()
+            if active_only and ".experts." in name:
+                n = n * m.top_k // m.num_experts
+            if non_embedding and name == "tok_emb.weight" and not self.config.model.tie_embeddings:
+                continue
+            total += n
+        return total
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> int:
+        """Training FLOPs per token (forward + backward): 6 * N_active + 12 * n_layer * n_embd * T.
+
+        N_active counts the matmul weights one token uses (top_k experts, the router, attention,
+        the LM head; not the embedding lookup). 12 * L * D * T is attention's score and value
+        matmuls (PaLM appendix B); T defaults to block_size.
+        """
+        mc = self.config.model
+        T = seq_len or mc.block_size
+        n_active = self.num_params(active_only=True)
+        n_active -= sum(p.numel() for n, p in self.named_parameters() if "norm" in n)
+        if not mc.tie_embeddings:
+            n_active -= self.tok_emb.weight.numel()
+        return 6 * n_active + 12 * mc.n_layer * mc.n_embd * T
+
+    def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        mc = self.config.model
+        p = self.tok_emb.weight
+        return KVCache(mc.n_layer, batch_size, mc.num_kv_heads, max_len or mc.block_size, mc.head_dim,
+                       p.dtype, p.device)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt, max_new_tokens: Optional[int] = None, **kwargs):
+        """Sample a continuation; see blues.generate.generate for the arguments."""
+        from blues.generate import generate
+        return generate(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------------------ weights
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to save: contiguous CPU copies; a tied head is stored once (as tok_emb.weight)."""
+        sd = {}
+        for name, t in self.state_dict().items():
+            if name == "lm_head.weight" and self.config.model.tie_embeddings:
+                continue
+            sd[name] = t.detach().to("cpu").contiguous()
+        return sd
+
+    def save_pretrained(self, directory: str, tokenizer=None) -> None:
+        """Write model.safetensors + config.json (+ the tokenizer's files) into `directory`."""
+        from safetensors.torch import save_file
+        os.makedirs(directory, exist_ok=True)
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        cfg = self.config.to_dict()
+        save_file(self.export_state_dict(), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        tmp = os.path.join(directory, CONFIG_NAME + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        os.replace(tmp, os.path.join(directory, CONFIG_NAME))
+        if tokenizer is not None:
+            tokenizer.save(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location: str = "cpu", **overrides) -> "Blues":
+        """Load a folder written by save_pretrained. Never unpickles. `overrides` replace config fields
+        that do not change weight shapes (e.g. attn_backend, moe_backend, dropout)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        cfg_path = os.path.join(directory, CONFIG_NAME)
+        w_path = os.path.join(directory, WEIGHTS_NAME)
+        for p in (cfg_path, w_path):
+            if not os.path.isfile(p):
+                raise ValueError(f"{p!r} does not exist: a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
+                                 "written by save_pretrained")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                cfg_dict = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path!r} is not valid JSON: {e}") from None
+        config = BluesConfig.from_dict(cfg_dict)
+        if overrides:
+            changed = config.architecture_diff(config.replace(**overrides))
+            if changed:
+                raise ValueError(f"overrides change the weights' shapes: {'; '.join(changed)}")
+            config = config.replace(**overrides)
+        if config.moe.moe_backend == "deepspeed":
+            # Exported weights are always in the stacked layout; inference runs the local backends.
+            config = config.replace(moe_backend="auto")
+        try:
+            state = load_file(w_path, device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{w_path!r} is not a readable safetensors file: {e}") from None
+        model = cls(config)
+        model.load_weights(state, source=w_path)
+        tok_file = os.path.join(directory, "tokenizer.json")
+        if os.path.isfile(tok_file):
+            from blues.tokenizer import Tokenizer, check_vocab
+            tok = Tokenizer.load(directory)
+            check_vocab(tok, config.model.vocab_size, what=f"model in {directory}")
+            model.tokenizer = tok
+        return model.to(map_location)
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
+        """Copy `state` into the model, checking every name and shape first (nothing is half-loaded)."""
+        expected = self.export_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        problems = []
+        for name in sorted(set(expected) & set(state)):
+            if tuple(state[name].shape) != tuple(expected[name].shape):
+                what = " (vocabulary size mismatch)" if name in ("tok_emb.weight", "lm_head.weight") else ""
+                problems.append(f"tensor {name!r} has shape {tuple(state[name].shape)} in {source} but the model "
+                                f"expects {tuple(expected[name].shape)}{what}")
+        if missing:
+            problems.append(f"{source} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            problems.append(f"{source} has unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        with torch.no_grad():
+            own = dict(self.named_parameters())
+            own.update(dict(self.named_buffers()))
+            for name, t in state.items():
+                own[name].copy_(t)
