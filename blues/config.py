@@ -199,6 +199,21 @@ class TrainConfig:
         _require(self.dtype in DTYPES, "dtype", self.dtype, f"expected one of {', '.join(DTYPES)}")
 
 
+def _coerce(name: str, value: Any, type_name: str) -> Any:
+    """YAML 1.1 reads `3e-4` as a string: turn numeric strings into the field's declared number type."""
+    if isinstance(value, str) and ("float" in type_name or "int" in type_name):
+        try:
+            number = float(value)
+        except ValueError:
+            return value  # the part's validation names the field and the bad value
+        if "float" in type_name:
+            return number
+        return int(number) if number.is_integer() else value
+    if isinstance(value, int) and not isinstance(value, bool) and type_name.startswith(("float", "Optional[float]")):
+        return float(value)
+    return value
+
+
 # Names accepted in files for compatibility (Blues-01 and Hugging Face spellings).
 ALIASES = {
     "num_key_value_heads": "num_kv_heads",
@@ -244,6 +259,7 @@ class BluesConfig:
         if not isinstance(d, dict):
             raise ValueError(f"config must be a mapping of field names to values, got {type(d).__name__}")
         owner = cls.field_owner()
+        types = {f.name: f.type for c in (ModelConfig, MoEConfig, TrainConfig) for f in fields(c)}
         parts: dict[str, dict[str, Any]] = {p: {} for p in cls.PARTS}
         flat: dict[str, Any] = {}
         for key, value in d.items():
@@ -259,7 +275,7 @@ class BluesConfig:
                 continue
             if name in parts[owner[name]]:
                 raise ValueError(f"config field {name!r} is given twice (as {key!r} and an alias)")
-            parts[owner[name]][name] = value
+            parts[owner[name]][name] = _coerce(name, value, types[name])
         if unknown:
             import difflib
             hints = []

@@ -1,0 +1,72 @@
+"""generate(): sampling arguments, stopping, batching, streaming, and the errors it gives."""
+import pytest
+import torch
+
+from blues.config import BluesConfig
+from blues.generate import sample_next
+from blues.model import Blues
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = BluesConfig.from_dict(dict(vocab_size=61, block_size=32, n_layer=1, n_head=4, n_embd=32, num_kv_heads=1,
+                                     num_experts=4, top_k=2, expert_ffn_size=32, attn_backend="sdpa"))
+    return Blues(cfg).eval()
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(model):
+    a = model.generate([1, 2, 3], max_new_tokens=20, seed=7)
+    b = model.generate([1, 2, 3], max_new_tokens=20, seed=7)
+    c = model.generate([1, 2, 3], max_new_tokens=20, seed=8)
+    assert a == b and a != c
+
+
+def test_top_k_1_is_greedy_and_output_len_is_accepted(model):
+    greedy = model.generate([5, 6], max_new_tokens=12, temperature=0)
+    assert model.generate([5, 6], output_len=12, top_k=1, seed=3) == greedy
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {int(sample_next(logits, 1.0, None, 0.7, torch.Generator().manual_seed(s))) for s in range(200)}
+    assert seen == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops there
+
+
+def test_generation_stops_at_eos_and_excludes_it(model):
+    free = model.generate([1, 2, 3], max_new_tokens=10, temperature=0)
+    eos = free[4]
+    stopped = model.generate([1, 2, 3], max_new_tokens=10, temperature=0, eos_token_id=eos)
+    assert stopped == free[:free.index(eos)]
+
+
+def test_a_batch_equals_its_prompts_one_by_one(model):
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8]]
+    batch = model.generate(prompts, max_new_tokens=8, temperature=0)
+    assert batch == [model.generate(p, max_new_tokens=8, temperature=0) for p in prompts]
+
+
+def test_stream_yields_the_same_tokens(model):
+    assert list(model.generate([3, 4], max_new_tokens=9, temperature=0, stream=True)) == \
+        model.generate([3, 4], max_new_tokens=9, temperature=0)
+
+
+def test_generation_continues_past_block_size(model):
+    out = model.generate(list(range(1, 30)), max_new_tokens=10, temperature=0)
+    assert len(out) == 10
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt=list(range(40))), r"prompt has 40 tokens, more than block_size=32"),
+    (dict(top_p=0.0), r"top_p=0.0 is invalid: expected a number in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p=1.5 is invalid"),
+    (dict(temperature=-1.0), r"temperature=-1.0 is invalid"),
+    (dict(prompt=[]), r"prompt is empty"),
+    (dict(prompt=[1, 99]), r"prompt token id 99 is outside the vocabulary \[0, 61\)"),
+    (dict(prompt="hello"), r"a string prompt needs a tokenizer"),
+    (dict(max_new_tokens=4, output_len=5), r"disagree"),
+])
+def test_bad_arguments_raise_clear_errors(model, kwargs, match):
+    kwargs.setdefault("prompt", [1, 2])
+    with pytest.raises(ValueError, match=match):
+        model.generate(**kwargs)
