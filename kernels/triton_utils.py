@@ -94,3 +94,18 @@ def runnable(kernel):
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (Triton block shapes must be powers of two)."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def compile_for_gpu(kernel, signature: dict, constexprs: dict, arch: int = 90):
+    """Compile `kernel` ahead of time for an NVIDIA GPU of compute capability `arch` (90 = H100),
+    down to a cubin with the ptxas that ships in the Triton wheel. Needs no GPU: the tests use it
+    on CPU machines to prove that every kernel also builds for the real target, which the CPU
+    interpreter (permissive about types, block shapes and tl.dot sizes) cannot show."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(kernel, "fn", kernel)
+    jit_fn = triton.runtime.jit.JITFunction(fn)
+    sig = dict(signature)
+    sig.update({name: "constexpr" for name in constexprs})
+    return triton.compile(ASTSource(jit_fn, sig, dict(constexprs)), target=GPUTarget("cuda", arch, 32))
