@@ -1,0 +1,295 @@
+"""moe_backend="deepspeed": DeepSpeed's expert-parallel `deepspeed.moe.layer.MoE` behind the Blues
+MoE interface (forward(x) -> blues.moe.MoEOutput), plus conversion of its expert weights to and
+from the stacked layout that blues.moe, save_pretrained and from_pretrained use.
+
+Shapes: B batch, T tokens, N = B*T, D width, E experts (global), E_loc = E / ep_size local experts,
+K top-k, F expert hidden size.
+
+Parameter names (relative to the block's `mlp`):
+    moe.deepspeed_moe.gate.wg.weight                           (E, D)  -> router.weight
+    moe.deepspeed_moe.experts.deepspeed_experts.<i>.w_gate     (D, F)  -> experts.w_gate[g]  (E, D, F)
+    moe.deepspeed_moe.experts.deepspeed_experts.<i>.w_up       (D, F)  -> experts.w_up[g]    (E, D, F)
+    moe.deepspeed_moe.experts.deepspeed_experts.<i>.w_down     (F, D)  -> experts.w_down[g]  (E, F, D)
+    shared.w_{gate,up,down}.weight                              same names in both layouts
+with g = ep_rank * E_loc + i. Expert-parallel groups are consecutive ranks (DeepSpeed's layout
+with tensor parallelism 1), so ep_rank = global_rank % ep_size.
+
+Semantics, against the stacked backends (blues.moe.MoE):
+- Same: softmax router in fp32 on a bias-free linear gate; top-k selection; the selected weights
+  renormalised to sum to 1 for k >= 2; capacity ceil(capacity_factor * N * K / E) per expert, and
+  capacity_factor=None drops nothing (DeepSpeed's drop_tokens=False); the aux loss and the z-loss
+  (both recomputed here from the gate's input with Blues' formulas, see below); shared experts;
+  expert dropout.
+- aux_loss: DeepSpeed's own l_aux is not used. Its top-2 form counts only first choices and scales
+  by E^2 (mean instead of sum); Blues' is E * sum_e f_e * P_e over all N*K assignments before the
+  capacity cut. We recompute Blues' loss from DeepSpeed's exp_counts (assignments before the
+  capacity cut) and the softmax of the clean gate logits.
+- z_loss: mean squared logsumexp of the clean gate logits (the stacked backend takes it on the
+  noisy logits in training; equal when router_noise_std=0 or in eval).
+- Router noise differs: Blues adds N(0, router_noise_std^2) to the logits before selection and
+  weighting. DeepSpeed has no such option; router_noise_std > 0 maps to its closest policy:
+  k=1 -> noisy_gate_policy='RSample' (Gumbel noise on the selection only), k=2 ->
+  top2_2nd_expert_sampling (Gumbel noise on the second choice only), k>2 -> no noise (logged once).
+  The selected weights always come from the clean softmax.
+- Dropping under a capacity: Blues keeps the earliest tokens of each expert, first and second
+  choices mixed in token order. DeepSpeed's top-1 and top-2 keep by position too but fill every
+  first choice before any second choice (use_rts=False here, so no random token selection);
+  its k>2 gate keeps the highest-probability assignments. min_capacity=1, as in Blues.
+- Not available: router_score_func='sigmoid'; norm_topk_prob=False with k >= 2 (DeepSpeed always
+  renormalises); norm_topk_prob=True with k=1 (DeepSpeed weights a single expert by its
+  probability). These raise ValueError naming the field.
+- DeepSpeed refuses its MoE under ZeRO stage 3; use moe_backend=torch|triton there.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from blues.config import BluesConfig
+from blues.moe import MoEOutput, SwiGLU
+
+log = logging.getLogger(__name__)
+_LOGGED: set = set()
+
+DS_EXPERT_RE = re.compile(r"^(?P<prefix>.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<i>\d+)\.(?P<w>w_gate|w_up|w_down)$")
+DS_ROUTER_SUFFIX = ".moe.deepspeed_moe.gate.wg.weight"
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def check_deepspeed_moe_config(config: BluesConfig) -> None:
+    """Raise ValueError for router settings DeepSpeed's gate cannot reproduce."""
+    m = config.moe
+    if m.router_score_func != "softmax":
+        raise ValueError(f"router_score_func={m.router_score_func!r} is not available with moe_backend='deepspeed' "
+                         "(DeepSpeed's gate is softmax only): use router_score_func=softmax or moe_backend=torch")
+    if m.top_k == 1 and m.norm_topk_prob:
+        raise ValueError("norm_topk_prob=True with top_k=1 is not available with moe_backend='deepspeed' (DeepSpeed's "
+                         "top-1 gate weights the expert by its probability): set norm_topk_prob=false or use "
+                         "moe_backend=torch")
+    if m.top_k > 1 and not m.norm_topk_prob:
+        raise ValueError(f"norm_topk_prob=False with top_k={m.top_k} is not available with moe_backend='deepspeed' "
+                         "(DeepSpeed always renormalises the selected weights): set norm_topk_prob=true or use "
+                         "moe_backend=torch")
+    if m.num_experts % config.train.ep_size:
+        raise ValueError(f"ep_size={config.train.ep_size} is invalid: must divide num_experts={m.num_experts}")
+
+
+def ep_rank_of(global_rank: int, ep_size: int) -> int:
+    """Rank inside the expert-parallel group: DeepSpeed groups consecutive ranks (tensor parallel 1)."""
+    return global_rank % ep_size
+
+
+def _global_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+class SwiGLUExpert(nn.Module):
+    """One SwiGLU expert in the stacked layout's orientation: down(silu(x @ w_gate) * (x @ w_up))."""
+
+    def __init__(self, d_model: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(d_model, hidden))  # (D, F)
+        self.w_up = nn.Parameter(torch.empty(d_model, hidden))  # (D, F)
+        self.w_down = nn.Parameter(torch.empty(hidden, d_model))  # (F, D)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
+        h = F.silu(x @ self.w_gate) * (x @ self.w_up)  # (..., F)
+        if self.training and self.dropout > 0:
+            h = F.dropout(h, p=self.dropout)
+        return h @ self.w_down
+
+
+class DeepSpeedMoE(nn.Module):
+    """Blues MoE layer on deepspeed.moe.layer.MoE; experts split over config.train.ep_size ranks."""
+
+    def __init__(self, config: BluesConfig):
+        super().__init__()
+        from deepspeed.moe.layer import MoE as _DSMoE
+
+        check_deepspeed_moe_config(config)
+        m = config.moe
+        D, Fh, E, K = config.model.n_embd, m.expert_ffn_size, m.num_experts, m.top_k
+        self.cfg = m
+        self.num_experts = E
+        self.ep_size = config.train.ep_size
+        self.num_local_experts = E // self.ep_size
+        noise = m.router_noise_std > 0
+        if noise and K > 2 and ("noise", K) not in _LOGGED:
+            _LOGGED.add(("noise", K))
+            log.info("moe_backend=deepspeed: DeepSpeed has no router noise for top_k=%d; router_noise_std ignored", K)
+        self.moe = _DSMoE(
+            hidden_size=D,
+            expert=SwiGLUExpert(D, Fh, m.expert_dropout),
+            num_experts=E,
+            ep_size=self.ep_size,
+            k=K,
+            capacity_factor=m.capacity_factor if m.capacity_factor is not None else 1.0,
+            eval_capacity_factor=m.capacity_factor if m.capacity_factor is not None else 1.0,
+            min_capacity=1,
+            use_residual=False,
+            noisy_gate_policy="RSample" if (noise and K == 1) else None,
+            drop_tokens=m.capacity_factor is not None,
+            use_rts=False,
+            top2_2nd_expert_sampling=noise and K == 2,
+        )
+        self.shared = SwiGLU(D, m.num_shared_experts * Fh) if m.num_shared_experts else None
+        self._init_local_experts(config)
+        self._gate_seen: Optional[tuple] = None
+        self.moe.deepspeed_moe.gate.register_forward_hook(self._capture_gate)
+
+    @torch.no_grad()
+    def _init_local_experts(self, config: BluesConfig) -> None:
+        # Draw the full (E, ...) stacks on every rank (same seed, same stream) and keep this rank's
+        # slice: global expert g gets the same values whatever ep_size, and no two experts are copies
+        # (DeepSpeed deep-copies one template expert E_loc times).
+        std = config.model.init_std
+        resid_std = std / (2 * config.model.n_layer) ** 0.5
+        D, Fh, E = config.model.n_embd, config.moe.expert_ffn_size, self.num_experts
+        full = {"w_gate": torch.randn(E, D, Fh) * std, "w_up": torch.randn(E, D, Fh) * std,
+                "w_down": torch.randn(E, Fh, D) * resid_std}
+        first = ep_rank_of(_global_rank(), self.ep_size) * self.num_local_experts
+        for i, expert in enumerate(self.local_experts()):
+            for w in EXPERT_WEIGHTS:
+                getattr(expert, w).copy_(full[w][first + i])
+
+    def local_experts(self) -> list[SwiGLUExpert]:
+        return list(self.moe.deepspeed_moe.experts.deepspeed_experts)
+
+    @property
+    def router_weight(self) -> nn.Parameter:
+        return self.moe.deepspeed_moe.gate.wg.weight  # (E, D)
+
+    def _capture_gate(self, module, args, output) -> None:
+        # TopKGate(input, used_token, sparse_routes=True, use_tutel) returns
+        # (l_aux, capacity, E, indices (K, N) int32 with -1 for dropped, locations, gates, exp_counts).
+        self._gate_seen = (args[0], output[3], output[6])
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        B, T, D = x.shape
+        E, K = self.num_experts, self.cfg.top_k
+        self._gate_seen = None
+        out, _ds_l_aux, _ = self.moe(x)  # (B, T, D)
+        assert self._gate_seen is not None, "DeepSpeed's gate did not run"
+        gate_in, indices, exp_counts = self._gate_seen  # (N, D), (K, N), (E,)
+        self._gate_seen = None
+        N = gate_in.shape[0]
+        logits = F.linear(gate_in.float(), self.router_weight.float())  # (N, E) clean logits, fp32
+        probs = torch.softmax(logits, dim=-1)  # (N, E)
+        f = exp_counts.float() / (N * K)  # (E,) fraction of assignments before the capacity cut
+        aux = E * (f * probs.mean(dim=0)).sum()
+        lse = torch.logsumexp(logits, dim=-1)  # (N,)
+        zl = (lse * lse).mean()
+        kept = indices.reshape(-1).long()
+        counts = torch.bincount(kept[kept >= 0], minlength=E)  # (E,)
+        dropped = (kept < 0).sum()
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return MoEOutput(out, aux, zl, counts, dropped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion to and from the stacked layout
+# ---------------------------------------------------------------------------------------------
+
+def _ep_group(layer: DeepSpeedMoE):
+    """(group, ep_rank) of this layer's experts; (None, 0) when not distributed or ep_size 1."""
+    if layer.ep_size == 1 or not torch.distributed.is_initialized():
+        return None, 0
+    from deepspeed.utils import groups
+    name = layer.moe.expert_group_name
+    return groups._get_expert_parallel_group(name), groups._get_expert_parallel_rank(name)
+
+
+def stacked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every DeepSpeedMoE layer in the stacked layout, every expert present.
+
+    Collective under expert parallelism: every rank must call it (each contributes its experts
+    through an all_gather in its expert-parallel group). Tensors are detached CPU copies.
+    Parameters must be whole (ZeRO stage 0-2; DeepSpeed's MoE does not run under stage 3).
+    """
+    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, DeepSpeedMoE)}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if any(name.startswith(p + ".moe.") for p in layers):
+            continue
+        out[name] = t.detach().cpu()
+    for prefix, layer in layers.items():
+        out[f"{prefix}.router.weight"] = layer.router_weight.detach().cpu()
+        group, _ = _ep_group(layer)
+        for w in EXPERT_WEIGHTS:
+            local = torch.stack([getattr(e, w).detach() for e in layer.local_experts()])  # (E_loc, ...)
+            if group is not None:
+                parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
+                torch.distributed.all_gather(parts, local.contiguous(), group=group)
+                local = torch.cat(parts)  # (E, ...) in ep-rank order = global expert order
+            out[f"{prefix}.experts.{w}"] = local.cpu()
+    return out
+
+
+@torch.no_grad()
+def load_stacked_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a stacked-layout state dict (as save_pretrained writes it) into a model with
+    DeepSpeedMoE layers: each rank takes its own experts. Names and shapes are checked first."""
+    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, DeepSpeedMoE)}
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    problems = []
+    for prefix, layer in layers.items():
+        _, ep_rank = _ep_group(layer)
+        if layer.ep_size > 1 and not torch.distributed.is_initialized():
+            ep_rank = ep_rank_of(_global_rank(), layer.ep_size)
+        n = layer.num_local_experts
+        key = f"{prefix}.router.weight"
+        if key not in state:
+            problems.append(f"missing {key!r}")
+        else:
+            targets[key] = (layer.router_weight, state[key])
+        for w in EXPERT_WEIGHTS:
+            key = f"{prefix}.experts.{w}"
+            if key not in state:
+                problems.append(f"missing {key!r}")
+                continue
+            full = state[key]
+            if full.shape[0] != layer.num_experts:
+                problems.append(f"{key!r} holds {full.shape[0]} experts, the model has {layer.num_experts}")
+                continue
+            for i, e in enumerate(layer.local_experts()):
+                targets[f"{key}[{ep_rank * n + i}]"] = (getattr(e, w), full[ep_rank * n + i])
+    moe_prefixes = tuple(p + ".moe." for p in layers)
+    for name, t in own.items():
+        if name.startswith(moe_prefixes):
+            continue
+        if name == "lm_head.weight" and name not in state and "tok_emb.weight" in state:
+            continue  # tied: stored once as tok_emb.weight
+        if name not in state:
+            problems.append(f"missing {name!r}")
+        else:
+            targets[name] = (t, state[name])
+    for key, (dst, src) in targets.items():
+        if tuple(dst.shape) != tuple(src.shape):
+            problems.append(f"{key!r} has shape {tuple(src.shape)}, the model expects {tuple(dst.shape)}")
+    if problems:
+        raise ValueError("cannot load stacked weights: " + "; ".join(problems[:8]))
+    for dst, src in targets.values():
+        dst.copy_(src)
+
+
+def num_local_expert_params(model: nn.Module) -> int:
+    """Elements of the expert weights this rank holds (E_loc experts per DeepSpeedMoE layer)."""
+    return sum(p.numel() for n, p in model.named_parameters() if DS_EXPERT_RE.match(n))
+
+
+def capacity(config: BluesConfig, num_tokens: int) -> Optional[int]:
+    """Per-expert capacity DeepSpeed computes here (min_capacity=1): as blues.moe.MoE.capacity."""
+    m = config.moe
+    if m.capacity_factor is None:
+        return None
+    return max(1, math.ceil(num_tokens / m.num_experts * m.capacity_factor * m.top_k))
