@@ -70,3 +70,16 @@ def test_bad_arguments_raise_clear_errors(model, kwargs, match):
     kwargs.setdefault("prompt", [1, 2])
     with pytest.raises(ValueError, match=match):
         model.generate(**kwargs)
+
+
+def test_string_prompts_decode_and_stream_as_text():
+    from blues.tokenizer import default_tokenizer
+    tok = default_tokenizer()
+    torch.manual_seed(0)
+    m = Blues(BluesConfig.from_dict(dict(vocab_size=tok.n_vocab, block_size=64, n_layer=1, n_head=4, n_embd=32,
+                                         num_kv_heads=1, num_experts=2, top_k=1, expert_ffn_size=32))).eval()
+    text = m.generate("import os", tokenizer=tok, max_new_tokens=12, temperature=0)
+    ids = m.generate(tok.encode("import os"), max_new_tokens=12, temperature=0, eos_token_id=tok.eot_id)
+    assert text == tok.decode(ids)
+    assert "".join(m.generate("import os", tokenizer=tok, max_new_tokens=12, temperature=0, stream=True)) == text
+    assert m.generate(["a b", "import os"], tokenizer=tok, max_new_tokens=12, temperature=0)[1] == text
