@@ -326,6 +326,17 @@ class _DatasetSource:
     def _load(self):
         import datasets
 
+        # progress bars only on a terminal (datasets draws them on any stderr)
+        quiet = not sys.stderr.isatty() and not datasets.are_progress_bars_disabled()
+        if quiet:
+            datasets.disable_progress_bars()
+        try:
+            return self._load_dataset(datasets)
+        finally:
+            if quiet:
+                datasets.enable_progress_bars()
+
+    def _load_dataset(self, datasets):
         name = self.name
         try:
             if self.local and os.path.isdir(name) and any(
