@@ -1,0 +1,440 @@
+"""blues-submit: write a Slurm batch script for a Blues training run, check it, and submit it.
+
+    blues-submit --config CFG --deepspeed_config ds_configs/zero2.json --nodes 2 --gpus_per_node 8 \
+        --time 12:00:00 --partition gpu [--account A] [--probe] [key=value ...] [--dry-run]
+
+The script (filled from launch/blues.sbatch) writes a hostfile from the allocation, takes the first
+host as master and a port derived from the job id, and runs one deepspeed launcher per node through
+srun (--hostfile, --no_ssh, --node_rank $SLURM_NODEID). It asks for USR1 {--signal_seconds} s before
+the time limit and --requeue: on USR1 training checkpoints and exits 0, the script requeues the job,
+and the next run resumes from the latest checkpoint. On a CPU-only partition "GPUs per node" means
+processes per node (deepspeed's CPU accelerator, gloo).
+
+--dry-run prints the script and checks it without submitting: expert-parallel divisibility, the batch
+arithmetic, the world size against the partition (sinfo) and the whole request (sbatch --test-only)
+when Slurm is reachable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "launch" / "blues.sbatch"
+AUTO = "auto"
+
+
+class SubmitError(ValueError):
+    """A mistake in the request; the CLI prints it as one line."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def parse_time_limit(value: str) -> int:
+    """Slurm time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) -> seconds."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    if not m:
+        raise SubmitError(f"--time {value!r} is not a Slurm time limit: expected e.g. 90, 01:30:00 or 2-00:00:00")
+    days, a, b, c = m.groups()
+    if days is not None:  # D-H[:M[:S]]
+        h, mi, s = int(a), int(b or 0), int(c or 0)
+        return ((int(days) * 24 + h) * 60 + mi) * 60 + s
+    if c is not None:  # H:M:S
+        return (int(a) * 60 + int(b)) * 60 + int(c)
+    if b is not None:  # M:S
+        return int(a) * 60 + int(b)
+    return int(a) * 60  # M
+
+
+def load_blues_config(config: Optional[str], overrides: list[str]):
+    """The BluesConfig that training will see: a file or a preset name, then key=value overrides."""
+    from blues.config import BluesConfig, PRESETS, get_preset
+    try:
+        if config is None:
+            cfg = BluesConfig()
+        elif os.path.isfile(config):
+            cfg = BluesConfig.from_file(config)
+        elif config in PRESETS:
+            cfg = get_preset(config)
+        else:
+            raise SubmitError(f"--config {config!r} is neither a file nor a preset ({', '.join(PRESETS)})")
+        return cfg.with_overrides(overrides)
+    except SubmitError:
+        raise
+    except ValueError as e:
+        raise SubmitError(str(e)) from None
+
+
+def load_ds_json(path: str) -> dict:
+    from blues.ds_config import load_ds_config
+    try:
+        return load_ds_config(path)
+    except ValueError as e:
+        raise SubmitError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_layout(cfg, ds: dict, nodes: int, procs_per_node: int) -> list[str]:
+    """Expert-parallel divisibility and batch arithmetic for `nodes` x `procs_per_node` ranks.
+
+    Returns notes for the user; raises SubmitError naming the flag or field to change."""
+    world = nodes * procs_per_node
+    t = cfg.train
+    notes = [f"world size {world} = {nodes} node(s) x {procs_per_node} process(es) per node"]
+    if world % t.ep_size:
+        fix = f"a world size that is a multiple of {t.ep_size}"
+        if procs_per_node % t.ep_size == 0 or t.ep_size % procs_per_node == 0:
+            need_nodes = max(1, math.ceil(t.ep_size / procs_per_node))
+            fix += f" (e.g. --nodes {need_nodes * math.ceil(nodes / need_nodes)})"
+        raise SubmitError(f"ep_size={t.ep_size} does not divide the world size {world} "
+                          f"(--nodes {nodes} x --gpus_per_node {procs_per_node}): use {fix}, or a smaller ep_size")
+    if t.ep_size > 1:
+        notes.append(f"expert parallel: {world // t.ep_size} group(s) of {t.ep_size} ranks, "
+                     f"{cfg.moe.num_experts // t.ep_size} expert(s) per rank")
+    from blues.ds_config import resolve_ds_config, zero_stage
+    try:
+        # The same filling and contradiction checks training applies (batch fields, dtype, ZeRO 3 + MoE).
+        resolve_ds_config(ds, cfg, world)
+        stage = zero_stage(ds)
+    except ValueError as e:
+        raise SubmitError(str(e)) from None
+    expect = t.micro_batch_size * t.grad_accum * world
+    notes.append(f"global batch {expect} sequences = micro_batch_size {t.micro_batch_size} x grad_accum "
+                 f"{t.grad_accum} x {world} ranks = {expect * cfg.model.block_size} tokens; ZeRO stage {stage}")
+    return notes
+
+
+@dataclass
+class PartitionInfo:
+    name: str
+    nodes: int
+    cpus_per_node: int
+    gpus_per_node: int
+
+
+def partition_info(partition: Optional[str]) -> Optional[PartitionInfo]:
+    """What sinfo says about `partition` (the default one when None); None when sinfo is absent."""
+    if shutil.which("sinfo") is None:
+        return None
+    cmd = ["sinfo", "-h", "-o", "%P|%D|%c|%G"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.count("|") == 3]
+    if partition is None:
+        rows = [r for r in rows if r[0].endswith("*")]
+    if not rows:
+        if partition is not None:  # unknown: say so in Slurm's own words
+            msg = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True,
+                                 timeout=30)
+            why = " ".join((msg.stdout + msg.stderr).split()) or "sinfo lists no such partition"
+            raise SubmitError(f"--partition {partition!r}: Slurm says: {why}")
+        return None
+    name = rows[0][0].rstrip("*")
+    nodes = sum(int(r[1]) for r in rows if r[1].isdigit())
+    cpus = max(int(re.sub(r"\D.*", "", r[2]) or 0) for r in rows)
+    gpus = 0
+    for r in rows:
+        for g in r[3].split(","):
+            m = re.match(r"gpu(?::[^:(]+)?:(\d+)", g)
+            if m:
+                gpus = max(gpus, int(m.group(1)))
+    return PartitionInfo(name, nodes, cpus, gpus)
+
+
+def check_allocation(part: Optional[PartitionInfo], nodes: int, procs_per_node: int, device: str,
+                     cpus_per_task: Optional[int]) -> list[str]:
+    if part is None:
+        return ["partition not checked: sinfo is not available here"]
+    if nodes > part.nodes:
+        raise SubmitError(f"--nodes {nodes} exceeds the {part.nodes} node(s) of partition {part.name!r}")
+    if device == "gpu":
+        if part.gpus_per_node == 0:
+            raise SubmitError(f"partition {part.name!r} has no GPUs (no gpu GRES): use --device cpu to run "
+                              f"{procs_per_node} CPU process(es) per node, or a GPU partition")
+        if procs_per_node > part.gpus_per_node:
+            raise SubmitError(f"--gpus_per_node {procs_per_node} exceeds the {part.gpus_per_node} GPU(s) per node "
+                              f"of partition {part.name!r}")
+    else:
+        need = cpus_per_task or procs_per_node
+        if need > part.cpus_per_node:
+            raise SubmitError(f"{procs_per_node} process(es) per node need {need} CPU(s), but nodes of partition "
+                              f"{part.name!r} have {part.cpus_per_node}: lower --gpus_per_node or --cpus_per_task")
+    return [f"partition {part.name!r}: {part.nodes} node(s), {part.cpus_per_node} CPUs"
+            + (f", {part.gpus_per_node} GPUs" if part.gpus_per_node else ", no GPUs") + " per node"]
+
+
+# ----------------------------------------------------------------------------- the script
+
+@dataclass
+class Job:
+    config: Optional[str]
+    deepspeed_config: str
+    overrides: list[str]
+    nodes: int
+    procs_per_node: int
+    time: str
+    device: str  # gpu | cpu
+    out_dir: str  # absolute
+    workdir: str  # absolute
+    job_name: str = "blues"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    signal_seconds: int = 120
+    probe: bool = False
+    memory_budget: Optional[str] = None
+    headroom: float = 0.9
+    target_tokens: Optional[int] = None
+    sbatch_args: list[str] = field(default_factory=list)
+    command: str = ""
+
+    @property
+    def script_path(self) -> str:
+        return os.path.join(self.out_dir, "slurm", f"{self.job_name}.sbatch")
+
+    def directives(self) -> list[str]:
+        d = [f"--job-name={self.job_name}", f"--nodes={self.nodes}", "--ntasks-per-node=1", f"--time={self.time}"]
+        if self.device == "gpu":
+            d.append(f"--gpus-per-node={self.procs_per_node}")
+            if self.cpus_per_task:
+                d.append(f"--cpus-per-task={self.cpus_per_task}")
+        else:
+            # NOTE: on a CPU node each deepspeed rank is a process; one core each unless told otherwise.
+            d.append(f"--cpus-per-task={self.cpus_per_task or self.procs_per_node}")
+        if self.mem:
+            d.append(f"--mem={self.mem}")
+        if self.partition:
+            d.append(f"--partition={self.partition}")
+        if self.account:
+            d.append(f"--account={self.account}")
+        d += [f"--output={self.out_dir}/slurm/%x-%j.log", "--open-mode=append",
+              f"--signal=B:USR1@{self.signal_seconds}", "--requeue"]
+        return d + list(self.sbatch_args)
+
+    def train_args(self) -> str:
+        """blues.train's arguments, shell-quoted (the template adds the probe's overrides and --resume auto);
+        with --probe the DeepSpeed config is the probed one."""
+        ds = '"$PROBE_DIR/ds_config.json"' if self.probe else shlex.quote(self.deepspeed_config)
+        args = ["--config", shlex.quote(self.config)] if self.config is not None else []
+        args += ["--deepspeed_config", ds] + [shlex.quote(o) for o in self.overrides]
+        return " ".join(args)
+
+    def probe_block(self) -> str:
+        if not self.probe:
+            return ":  # no memory probe (blues-submit --probe runs one before training)"
+        probe_args = ["--deepspeed_config", self.deepspeed_config, "--out_dir", "$PROBE_DIR",
+                      "--headroom", str(self.headroom)]
+        if self.config is not None:
+            probe_args = ["--config", self.config] + probe_args
+        if self.memory_budget:
+            probe_args += ["--memory_budget", self.memory_budget]
+        if self.target_tokens:
+            probe_args += ["--target_tokens", str(self.target_tokens)]
+        if self.device == "cpu":
+            probe_args += ["--device", "cpu"]
+        quoted = " ".join('"$PROBE_DIR"' if a == "$PROBE_DIR" else shlex.quote(a) for a in probe_args)
+        over = " ".join(shlex.quote(o) for o in self.overrides)
+        return f"""PROBE_DIR="$OUT_DIR/probe"
+if [ ! -f "$PROBE_DIR/ds_config.json" ]; then
+    log "memory probe: largest micro-batch per device on $SLURM_JOB_NUM_NODES node(s)"
+    run_step srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\
+        bash -c 'trap "" USR1; exec blues-probe --nnodes "$SLURM_JOB_NUM_NODES" --node_rank "$SLURM_NODEID" \\
+            --master_addr "$1" --master_port "$(($2 + 1))" "${{@:3}}"' \\
+        blues-probe "$MASTER_ADDR" "$MASTER_PORT" --nproc_per_node "$PROCS_PER_NODE" {quoted} {over}
+else
+    log "memory probe: reusing $PROBE_DIR/ds_config.json"
+fi
+read -r PROBE_MICRO PROBE_ACCUM < <(python -c 'import json, sys; r = json.load(open(sys.argv[1])); print(r["micro_batch_size"], r["grad_accum"])' "$PROBE_DIR/report.json")
+PROBE_OVERRIDES=("micro_batch_size=$PROBE_MICRO" "grad_accum=$PROBE_ACCUM")
+log "memory probe: micro_batch_size=$PROBE_MICRO grad_accum=$PROBE_ACCUM"
+"""
+
+    def render(self) -> str:
+        if not TEMPLATE.is_file():
+            raise SubmitError(f"the sbatch template {str(TEMPLATE)!r} is missing: blues-submit runs from a Blues "
+                              "checkout (pip install -e .)")
+        body = TEMPLATE.read_text(encoding="utf-8")
+        body = body[body.index("{{HEADER}}"):]
+        header = ["#!/bin/bash",
+                  f"# Written by: {self.command}",
+                  f"# Run with:   sbatch {self.script_path}"]
+        header += [f"#SBATCH {d}" for d in self.directives()]
+        values = {
+            "HEADER": "\n".join(header),
+            "WORKDIR": shlex.quote(self.workdir),
+            "BIN_DIR": shlex.quote(os.path.dirname(sys.executable)),
+            "OUT_DIR": shlex.quote(self.out_dir),
+            "PROCS_PER_NODE": str(self.procs_per_node),
+            "SIGNAL_SECONDS": str(self.signal_seconds),
+            "PROBE_BLOCK": self.probe_block(),
+            "TRAIN_ARGS": self.train_args(),
+        }
+        for key, value in values.items():
+            body = body.replace("{{" + key + "}}", value)
+        left = re.findall(r"\{\{[A-Z_]+\}\}", body)
+        assert not left, f"unfilled template fields {left}"
+        return body
+
+
+# ----------------------------------------------------------------------------- submission
+
+def sbatch_error_line(stderr: str) -> str:
+    """Slurm's own reason, one line: the most specific 'error:' message sbatch printed."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [re.sub(r"^(sbatch: )?error: ", "", ln) for ln in lines if "error" in ln.lower()]
+    picked = errors or lines or ["sbatch gave no message"]
+    # e.g. "invalid partition specified: nope" + "Batch job submission failed: Invalid partition name
+    # specified": both are short, and together name the value and the verdict.
+    return "; ".join(dict.fromkeys(picked[-2:]))
+
+
+def test_only(script_path: str) -> str:
+    out = subprocess.run(["sbatch", "--test-only", script_path], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise SubmitError(f"Slurm refuses the job: {sbatch_error_line(out.stderr + out.stdout)}")
+    msg = (out.stderr + out.stdout).strip().splitlines()
+    return "sbatch --test-only: " + (msg[-1].replace("sbatch: ", "") if msg else "accepted")
+
+
+def submit(script_path: str) -> str:
+    out = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise SubmitError(f"sbatch refused the job: {sbatch_error_line(out.stderr + out.stdout)}")
+    job_id = out.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise SubmitError(f"sbatch printed no job id: {out.stdout.strip()!r}")
+    return job_id
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blues-submit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides passed to training")
+    p.add_argument("--config", help="Blues config file (YAML/JSON) or preset name")
+    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus_per_node", type=int, default=1,
+                   help="GPUs per node; on a CPU partition, training processes per node")
+    p.add_argument("--time", default="01:00:00", help="time limit (Slurm format)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--job_name", default="blues")
+    p.add_argument("--cpus_per_task", type=int, help="CPUs for each node's task (all its processes)")
+    p.add_argument("--mem", help="memory per node, Slurm format (e.g. 64G)")
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="auto: gpu when the partition has gpu GRES (or sinfo is absent), else cpu")
+    p.add_argument("--signal_seconds", type=int, default=120,
+                   help="USR1 this long before the time limit: checkpoint, requeue, resume")
+    p.add_argument("--probe", action="store_true", help="run blues-probe in the job before training")
+    p.add_argument("--memory_budget", help="probe: bytes per process (CPU), e.g. 4GB")
+    p.add_argument("--headroom", type=float, default=0.9, help="probe: fraction of device memory to use")
+    p.add_argument("--target_tokens", type=int, help="probe: global batch in tokens (sets grad_accum)")
+    p.add_argument("--out_dir", help="override the config's out_dir (checkpoints, logs, the script)")
+    p.add_argument("--sbatch_arg", action="append", default=[], help="extra #SBATCH option, repeatable")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print and check the script; do not submit")
+    return p
+
+
+def plan(args: argparse.Namespace, command: str) -> tuple[Job, list[str]]:
+    for name in ("nodes", "gpus_per_node", "signal_seconds"):
+        if getattr(args, name) < 1:
+            raise SubmitError(f"--{name} {getattr(args, name)} is invalid: expected a positive integer")
+    if args.cpus_per_task is not None and args.cpus_per_task < 1:
+        raise SubmitError(f"--cpus_per_task {args.cpus_per_task} is invalid: expected a positive integer")
+    if not 0 < args.headroom <= 1:
+        raise SubmitError(f"--headroom {args.headroom} is invalid: expected a fraction in (0, 1]")
+    if args.memory_budget:
+        from blues.memory_probe import parse_bytes
+        try:
+            parse_bytes(args.memory_budget)
+        except ValueError as e:
+            raise SubmitError(str(e)) from None
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.job_name):
+        raise SubmitError(f"--job_name {args.job_name!r} is invalid: letters, digits, '_', '.', '-' only")
+    seconds = parse_time_limit(args.time)
+    if seconds <= args.signal_seconds:
+        raise SubmitError(f"--time {args.time} ({seconds} s) is not longer than --signal_seconds "
+                          f"{args.signal_seconds}: the job would be told to stop as it starts")
+    overrides = list(args.overrides)
+    if args.out_dir:
+        overrides.append(f"out_dir={args.out_dir}")
+    cfg = load_blues_config(args.config, overrides)
+    ds = load_ds_json(args.deepspeed_config)
+    notes = check_layout(cfg, ds, args.nodes, args.gpus_per_node)
+
+    part = partition_info(args.partition)
+    device = args.device
+    if device == "auto":
+        device = "gpu" if part is None or part.gpus_per_node > 0 else "cpu"
+        notes.append(f"device {device} (" + ("no sinfo here" if part is None else
+                                             f"partition {part.name!r} has {part.gpus_per_node} GPUs per node") + ")")
+    notes += check_allocation(part, args.nodes, args.gpus_per_node, device, args.cpus_per_task)
+
+    workdir = os.getcwd()
+    absolute = lambda p: p if os.path.isabs(p) else os.path.join(workdir, p)  # noqa: E731
+    config = absolute(args.config) if args.config and os.path.isfile(args.config) else args.config
+    job = Job(config=config, deepspeed_config=absolute(args.deepspeed_config), overrides=list(args.overrides),
+              nodes=args.nodes, procs_per_node=args.gpus_per_node, time=args.time, device=device,
+              out_dir=absolute(cfg.train.out_dir), workdir=workdir, job_name=args.job_name,
+              partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task, mem=args.mem,
+              signal_seconds=args.signal_seconds, probe=args.probe, memory_budget=args.memory_budget,
+              headroom=args.headroom, target_tokens=args.target_tokens, sbatch_args=args.sbatch_arg,
+              command=command)
+    if args.out_dir:
+        job.overrides.append(f"out_dir={job.out_dir}")
+    return job, notes
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    command = "blues-submit " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        if not args.dry_run and shutil.which("sbatch") is None:
+            raise SubmitError("sbatch is not on the PATH: run blues-submit on a Slurm login node, "
+                              "or use --dry-run to write and check the script without submitting")
+        job, notes = plan(args, command)
+        script = job.render()
+        os.makedirs(os.path.dirname(job.script_path), exist_ok=True)
+        with open(job.script_path, "w", encoding="utf-8") as f:
+            f.write(script)
+        if shutil.which("sbatch") is not None:
+            notes.append(test_only(job.script_path))
+        if args.dry_run:
+            sys.stdout.write(script)
+            for n in notes:
+                print(f"blues-submit: ok: {n}", file=sys.stderr)
+            print(f"blues-submit: dry run: wrote {job.script_path}; not submitted", file=sys.stderr)
+            return 0
+        job_id = submit(job.script_path)
+    except (SubmitError, ValueError, OSError, subprocess.TimeoutExpired) as e:
+        print(f"blues-submit: error: {e}", file=sys.stderr)
+        return 2
+    for n in notes:
+        print(f"blues-submit: ok: {n}", file=sys.stderr)
+    print(f"blues-submit: submitted job {job_id}: {job.script_path}; log {job.out_dir}/slurm/{job.job_name}-{job_id}.log",
+          file=sys.stderr)
+    print(job_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
