@@ -57,16 +57,28 @@ def resolve_attn_backend(requested: str, device: torch.device, dtype: torch.dtyp
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for rotary position embeddings (rotate-half convention)."""
+    """cos/sin tables for rotary position embeddings (rotate-half convention), always fp32."""
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (Dh/2,)
-        t = torch.arange(max_len, dtype=torch.float64)
-        freqs = torch.outer(t, inv_freq)  # (max_len, Dh/2)
+        self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
+        cos, sin = self._tables(torch.device("cpu"))
         # Not persistent: derived from the config, so checkpoints never carry a stale table.
-        self.register_buffer("cos", freqs.cos().float(), persistent=False)
-        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+        freqs = torch.outer(torch.arange(self.max_len, dtype=torch.float64), inv_freq)  # (max_len, Dh/2)
+        return freqs.cos().float().to(device), freqs.sin().float().to(device)
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / .bfloat16() (DeepSpeed's fp16 and bf16 engines) cast every float buffer;
+        # positions past a few hundred lose their angle in bf16, so rebuild the tables in fp32.
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = self._tables(self.cos.device)
+        return self
 
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[start:start + length], self.sin[start:start + length]  # (T, Dh/2) each

@@ -142,3 +142,11 @@ def test_active_parameters_count_top_k_of_the_experts():
     model = small(2)
     ex = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert model.num_params() - model.num_params(active_only=True) == ex - ex * 2 // 4
+
+
+def test_rope_tables_stay_fp32_when_the_model_is_cast():
+    model = small(2).to(torch.bfloat16)
+    assert model.rope.cos.dtype == torch.float32 and model.tok_emb.weight.dtype == torch.bfloat16
+    ref = small(2).rope
+    torch.testing.assert_close(model.rope.cos, ref.cos, rtol=0, atol=0)
+    assert model(torch.randint(0, 97, (1, 16))).logits.dtype == torch.bfloat16
