@@ -394,10 +394,10 @@ def _init_worker(tokenizer: Tokenizer) -> None:
 
 def _encode_docs(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of `texts` back to back (uint32) and each one's length (int64)."""
-    ids = [tokenizer.enc.encode_ordinary(t) for t in texts]
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((i for x in ids for i in x), dtype=np.uint32, count=int(lengths.sum()))
-    return flat, lengths
+    arrays = [tokenizer.encode_to_numpy(t) for t in texts]
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.uint32)
+    return flat.astype(np.uint32, copy=False), lengths
 
 
 def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -153,6 +153,14 @@ class Tokenizer:
             return self.enc.encode(text, allowed_special="all")
         return self.enc.encode_ordinary(text)
 
+    def encode_to_numpy(self, text: str):
+        """encode(text) as a uint32 numpy array, without building a Python list (faster for data prep)."""
+        try:
+            return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        except UnicodeEncodeError:  # lone surrogates: tiktoken's encode_ordinary repairs them
+            import numpy as np
+            return np.array(self.enc.encode_ordinary(text), dtype=np.uint32)
+
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         return self.enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
 

@@ -301,3 +301,10 @@ def test_cli_unreachable_vocab_is_one_line_error(tmp_path, capsys):
     assert err.startswith("python -m blues.tokenizer: error: vocab_size=5000 cannot be reached")
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "t").exists()
+
+
+def test_encode_to_numpy_equals_encode():
+    tok = default_tokenizer()
+    rng = random.Random(2)
+    for s in [random_unicode(rng, 300) for _ in range(20)] + [f"x{ENDOFTEXT}y", "", "lone \ud800 surrogate"]:
+        assert tok.encode_to_numpy(s).tolist() == tok.encode(s)
