@@ -108,6 +108,26 @@ def _doc_text(value, text_field: str, where: str) -> str:
                      f"field or a string")
 
 
+def _iter_json_lines(lines, rel: str, text_field: str, bad_bytes) -> Iterator[tuple[str, str]]:
+    """Documents of JSON Lines (bytes or str lines); blank lines are skipped."""
+    for lineno, raw in enumerate(lines, 1):
+        if isinstance(raw, bytes):
+            line, n_bad = _decode_utf8(raw)
+            bad_bytes(n_bad)
+        else:
+            line = raw
+        if not line.strip():
+            continue
+        where = f"{rel} line {lineno}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not valid JSON: {e.msg} (column {e.colno})") from None
+        text, n_bad = _clean_str(_doc_text(value, text_field, where))
+        bad_bytes(n_bad)
+        yield text, where
+
+
 def _iter_file(path: str, rel: str, text_field: str, stats: dict) -> Iterator[tuple[str, str]]:
     """(text, where) for each document of one file; `stats` counts invalid UTF-8 replaced."""
     ext = os.path.splitext(path)[1].lower()
@@ -126,19 +146,7 @@ def _iter_file(path: str, rel: str, text_field: str, stats: dict) -> Iterator[tu
         yield text, rel
     elif ext == ".jsonl":
         with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                line, n_bad = _decode_utf8(raw)
-                bad_bytes(n_bad)
-                if not line.strip():
-                    continue
-                where = f"{rel} line {lineno}"
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where} is not valid JSON: {e.msg} (column {e.colno})") from None
-                text, n_bad = _clean_str(_doc_text(value, text_field, where))
-                bad_bytes(n_bad)
-                yield text, where
+            yield from _iter_json_lines(f, rel, text_field, bad_bytes)
     elif ext == ".json":
         with open(path, "rb") as f:
             text, n_bad = _decode_utf8(f.read())
@@ -146,6 +154,9 @@ def _iter_file(path: str, rel: str, text_field: str, stats: dict) -> Iterator[tu
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
+            if e.msg == "Extra data" and e.lineno > 1:  # JSON Lines in a .json file, as datasets accepts
+                yield from _iter_json_lines(text.splitlines(True), rel, text_field, bad_bytes)
+                return
             raise ValueError(f"{rel} is not valid JSON: {e.msg} (line {e.lineno} column {e.colno})") from None
         items = value if isinstance(value, list) else [value]
         for i, item in enumerate(items):
@@ -271,8 +282,13 @@ def _truthy(value: Optional[str]) -> bool:
 def _hf_environment(hf_cache: str, offline: bool):
     """Keep the Hugging Face caches in `hf_cache` and, offline, set HF_DATASETS_OFFLINE=1 and
     HF_HUB_OFFLINE=1 so nothing waits on a request. Both libraries read these variables once, at
-    import, so when they are already imported we also set their module constants; all is restored
-    on exit."""
+    import, so we set their module constants too (the variables reach child processes); all is
+    restored on exit."""
+    # imported here, before any change, so that what they read at import is this process's own
+    # setting and is what gets restored
+    import datasets.config  # noqa: F401
+    import huggingface_hub.constants  # noqa: F401
+
     env = {"HF_HUB_CACHE": os.path.join(hf_cache, "hub"), "HF_DATASETS_CACHE": hf_cache}
     if offline:
         env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
@@ -286,8 +302,8 @@ def _hf_environment(hf_cache: str, offline: bool):
                         ("datasets.config", "HF_HUB_OFFLINE", True),
                         ("datasets.config", "HF_DATASETS_OFFLINE", True)]
         for module_name, attr, value in patches:
-            module = sys.modules.get(module_name)
-            if module is not None and hasattr(module, attr):
+            module = sys.modules[module_name]
+            if hasattr(module, attr):
                 saved_attrs.append((module, attr, getattr(module, attr)))
                 setattr(module, attr, value)
         yield
@@ -307,6 +323,8 @@ class _DatasetSource:
     def __init__(self, name: str, subset: Optional[str], split: str, text_field: str, hf_cache: str):
         self.name, self.subset, self.split, self.text_field, self.hf_cache = name, subset, split, text_field, hf_cache
         self.local = os.path.exists(name)
+        if not self.local and name.startswith(("/", "./", "../", "~")):
+            raise ValueError(f"dataset {name!r} looks like a path but does not exist")
         if self.local:
             self.offline = True  # nothing to fetch; offline mode also skips the hub lookup
         elif _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("HF_DATASETS_OFFLINE")):
@@ -606,6 +624,9 @@ def prepare(cache_dir: str = "data_cache", input_dir: Optional[str] = None, data
         raise ValueError(f"text_field={text_field!r} is invalid: expected a field name")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed={seed!r} is invalid: expected an integer")
+    if vocab_size is not None and not (isinstance(tokenizer, str) and tokenizer == "default"):
+        raise ValueError(f"vocab_size={vocab_size!r} trains a new tokenizer, so tokenizer={tokenizer!r} would be "
+                         f"ignored: pass one of them")
     cache_dir = os.path.abspath(cache_dir)
     tok = None if vocab_size is not None else Tokenizer.load(tokenizer)
 
@@ -641,6 +662,16 @@ def prepare(cache_dir: str = "data_cache", input_dir: Optional[str] = None, data
                           allow_smaller=allow_smaller, progress=progress)
     meta["build_seconds"] = round(time.perf_counter() - t_start, 3)
     return {**meta, "reused": False}
+
+
+def ensure_prepared(data_dir: str, **kwargs) -> dict:
+    """The meta of the data already prepared in `data_dir`, whatever its inputs; when there is none,
+    prepare it (by default from the built-in corpus). For a training entry: prepare(data_dir) alone
+    would replace a user's prepared folder with the built-in corpus, whose fingerprint differs."""
+    try:
+        return load_meta(data_dir)
+    except ValueError:
+        return prepare(cache_dir=data_dir, **kwargs)
 
 
 def _build(cache_dir: str, source, tok: Optional[Tokenizer], fingerprint: str, *, text_field: str,
@@ -791,9 +822,10 @@ class TokenLoader:
         self.num_tokens = n = info["num_tokens"]
         window = block_size + 1
         if n < window * world_size:
-            raise ValueError(f"split {split!r} of {data_dir!r} has {n} tokens: too few for block_size={block_size} "
-                             f"on {world_size} rank(s), which needs (block_size + 1) * world_size = "
-                             f"{window * world_size}; prepare more data or lower block_size")
+            hint = (f" (prepared with val_fraction={self.meta['val_fraction']})" if n == 0 else "")
+            raise ValueError(f"split {split!r} of {data_dir!r} has {n} tokens{hint}: too few for "
+                             f"block_size={block_size} on {world_size} rank(s), which needs (block_size + 1) * "
+                             f"world_size = {window * world_size}; prepare more data or lower block_size")
         self.tokens = np.memmap(os.path.join(data_dir, info["file"]), dtype=self.meta["dtype"], mode="r")
         self.epoch, self.pos, self.batches = 0, 0, 0
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)

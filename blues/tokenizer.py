@@ -310,10 +310,16 @@ def network_available(host: str, port: int = 443, timeout: float = 3.0) -> bool:
 
 def _load_named(name: str) -> Tokenizer:
     urls = NAMED_ENCODING_FILES.get(name, ())
-    missing = [u for u in urls if not os.path.isfile(tiktoken_cache_path(u))]
-    if missing and tiktoken_cache_dir() != "":
+    cache_off = tiktoken_cache_dir() == ""  # TIKTOKEN_CACHE_DIR="" turns tiktoken's cache off
+    missing = [u for u in urls if cache_off or not os.path.isfile(tiktoken_cache_path(u))]
+    if missing:
         host = missing[0].split("/")[2]
+        # probe first: tiktoken's download (requests.get without a timeout) can hang offline
         if not network_available(host):
+            if cache_off:
+                raise ValueError(f"tokenizer {name!r} needs a download but {host} cannot be reached (offline) "
+                                 f"and TIKTOKEN_CACHE_DIR is empty (cache off): set TIKTOKEN_CACHE_DIR to a "
+                                 f"folder holding {', '.join(missing)} saved under the sha1 of its URL")
             where = "; ".join(f"{u} as {tiktoken_cache_path(u)}" for u in missing)
             raise ValueError(f"tokenizer {name!r} needs a download but {host} cannot be reached (offline): "
                              f"fetch {where} (the file name is the sha1 of its URL), or set TIKTOKEN_CACHE_DIR "

@@ -212,6 +212,30 @@ def test_uint32_when_the_vocabulary_does_not_fit_uint16(tmp_path):
     assert decode_split(tmp_path / "c", "train") == EOT.join(DOCS)
 
 
+def test_json_file_holding_json_lines_is_read_as_lines(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "rows.json").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (src / "more.json").write_text('{"text": "three"}')  # a single object is one document
+    prepare(cache_dir=str(tmp_path / "c"), input_dir=str(src), val_fraction=0.0)
+    assert split_documents(tmp_path / "c", "train") == ["three", "one", "two"]
+
+
+def test_ensure_prepared_keeps_a_users_cache_and_builds_when_empty(tmp_path, monkeypatch):
+    src = write_inputs(tmp_path / "in")
+    mine = prepare(cache_dir=str(tmp_path / "c"), input_dir=str(src))
+    monkeypatch.setattr(bdata, "_encode_docs", lambda *a: pytest.fail("rebuilt a prepared folder"))
+    assert bdata.ensure_prepared(str(tmp_path / "c"))["build_id"] == mine["build_id"]
+    monkeypatch.undo()
+    built = bdata.ensure_prepared(str(tmp_path / "empty"))
+    assert built["source"]["kind"] == "builtin" and built["reused"] is False
+
+
+def test_vocab_size_and_a_tokenizer_together_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size=512 trains a new tokenizer, so tokenizer='gpt2' would be ignored"):
+        prepare(cache_dir=str(tmp_path), vocab_size=512, tokenizer="gpt2")
+
+
 def test_training_a_tokenizer_on_the_train_split(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -229,12 +253,18 @@ def test_local_hf_dataset_offline_keeps_its_cache_inside(tmp_path, no_network):
     (src / "part.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS), encoding="utf-8")
     cache = tmp_path / "c"
     env_before = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_CACHE")}
+    import datasets.config
+    import huggingface_hub.constants
+    hub_offline_before = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
     meta = prepare(cache_dir=str(cache), dataset=str(src), text_field="body", val_fraction=0.0)
     assert meta["source"]["kind"] == "dataset" and meta["source"]["num_rows"] == len(DOCS)
     assert decode_split(cache, "train") == EOT.join(DOCS)
     assert os.listdir(cache / "hf_cache")  # the datasets cache went inside the cache dir
     assert no_network == []  # a local folder is read in offline mode: not even a probe
     assert {k: os.environ.get(k) for k in env_before} == env_before  # the offline flags are set only meanwhile
+    import datasets.config
+    import huggingface_hub.constants
+    assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == hub_offline_before
     assert prepare(cache_dir=str(cache), dataset=str(src), text_field="body", val_fraction=0.0)["reused"]
 
 
@@ -525,6 +555,13 @@ def test_split_too_small_for_the_block_size(builtin_cache):
     val_tokens = load_meta(builtin_cache)["splits"]["val"]["num_tokens"]
     with pytest.raises(ValueError, match=rf"split 'val' .* has {val_tokens} tokens: too few for block_size"):
         TokenLoader(builtin_cache, "val", block_size=val_tokens, batch_size=1)
+
+
+def test_empty_val_split_says_why(tmp_path):
+    src = write_inputs(tmp_path / "in")
+    prepare(cache_dir=str(tmp_path / "c"), input_dir=str(src), val_fraction=0.0)
+    with pytest.raises(ValueError, match=r"has 0 tokens \(prepared with val_fraction=0.0\)"):
+        TokenLoader(str(tmp_path / "c"), "val", 8, 2)
 
 
 def test_loader_on_an_unprepared_folder(tmp_path):

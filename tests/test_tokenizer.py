@@ -245,6 +245,12 @@ def test_named_encoding_offline_and_missing_says_which_file_to_place_where(tmp_p
     assert time.perf_counter() - t0 < 5  # no stall on a request
 
 
+def test_named_encoding_with_tiktoken_cache_off_and_offline(monkeypatch, no_network):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    with pytest.raises(ValueError, match=r"cl100k_base.*cannot be reached \(offline\) and TIKTOKEN_CACHE_DIR is empty"):
+        Tokenizer.load("cl100k_base")
+
+
 def test_named_encoding_in_cache_loads_without_network(tmp_path, monkeypatch, no_network):
     # the real o200k file cannot be had here; an empty file at its cache path plus a stand-in
     # get_encoding show that a cached file is used without any network probe
