@@ -548,6 +548,18 @@ def test_two_ranks_read_disjoint_windows(builtin_cache):
     assert not rows[0] & rows[1]
 
 
+def test_any_ranks_state_resumes_every_rank(builtin_cache):
+    # ranks move in step, so a checkpoint may keep rank 0's loader state only
+    r0, r1 = (TokenLoader(builtin_cache, "train", 32, 4, seed=2, rank=r, world_size=2) for r in range(2))
+    for _ in range(7):
+        r0.next_batch()
+        r1.next_batch()
+    fresh = TokenLoader(builtin_cache, "train", 32, 4, seed=2, rank=1, world_size=2)
+    fresh.load_state_dict(json.loads(json.dumps(r0.state_dict())))
+    for _ in range(3):
+        assert fresh.next_batch()[0].equal(r1.next_batch()[0])
+
+
 def test_resume_with_another_world_size_is_refused(builtin_cache):
     state = TokenLoader(builtin_cache, "train", 16, 2, world_size=2).state_dict()
     with pytest.raises(ValueError, match="world_size=2 but this loader has world_size=4"):
