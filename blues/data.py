@@ -11,6 +11,15 @@ A prepared cache_dir holds:
     meta.json             written last; a folder without it is not a prepared cache
     hf_cache/             the Hugging Face cache, when --dataset was used
 
+Documents: a .txt/.md file is one; a .jsonl line, a .json list item (or the file's one object) and
+a .parquet row are one each, their text in --text_field (default "text"). Files are read in sorted
+path order; names starting with "." are skipped. Invalid UTF-8 becomes U+FFFD and is counted.
+
+prepare() reads everything twice: pass 1 checks every document (a bad line fails before any
+tokenizing) and decides the train/val split; pass 2 tokenizes and writes into a temp folder that
+is moved into place at the end. Same inputs (by content), tokenizer and split settings: the cache
+is reused. TokenLoader then serves seeded, resumable, rank-disjoint batches from it.
+
 Shapes: B batch, T block_size (tokens per training sequence).
 """
 from __future__ import annotations
