@@ -1,23 +1,62 @@
 """moe_grouped_gemm: one matmul per expert over its contiguous block of permuted rows.
 
-Shapes: N rows in expert order, E experts, D_in / D_out widths.
+Shapes: N rows in expert order, E experts, D_in / D_out widths; for the SwiGLU op D model width,
+F expert hidden width, T tokens, K top-k, S = T*K.
 
-Contract (reference `moe_grouped_gemm_ref`, the specification):
+Contract of moe_grouped_gemm (reference `moe_grouped_gemm_ref`, the specification):
     x               (N, D_in)
     expert_offsets  (E+1,) int64   expert e owns rows [expert_offsets[e], expert_offsets[e+1])
-    w               (E, D_in, D_out)
+    w               (E, D_in, D_out), x's dtype
   returns (N, D_out): rows of expert e are x_rows @ w[e]; rows at or past expert_offsets[E]
   (dropped assignments) are zero. Gradients flow to x and w.
+
+Contract of moe_grouped_swiglu (reference `moe_grouped_swiglu_ref`): the experts' gate and up
+projections and the SwiGLU between them, in one op.
+    x               (N, D), or (T, D) token rows when sorted_slots is given
+    expert_offsets  (E+1,) int64   as above
+    w_gate, w_up    (E, D, F), x's dtype
+    sorted_slots    (S,) int64, optional: from moe_permute_indices; row p of the input is then
+                    x[sorted_slots[p] // top_k] (moe_permute fused into the loads), and N = S
+  returns h (N, F) = silu(x_rows @ w_gate[e]) * (x_rows @ w_up[e]); rows at or past
+  expert_offsets[E] are zero. Gradients flow to x, w_gate and w_up.
+
+The Triton kernels need no host synchronisation: each program finds its (expert, row tile) from
+expert_offsets on the device; the grid is sized from the upper bound cdiv(N, BLOCK_M) + E on the
+number of row tiles, and programs past the real count do nothing.
 """
 from __future__ import annotations
 
-import torch
+from typing import Optional
 
+import torch
+import torch.nn.functional as F
+
+from .moe_permute import _combine, _inverse_of
+from .triton_utils import check_triton_inputs, interpret_mode, next_pow2, runnable, tl, triton
+
+
+def _check_gemm_args(op: str, x: torch.Tensor, expert_offsets: torch.Tensor, *ws: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D (rows, D_in), got shape {tuple(x.shape)}")
+    for w in ws:
+        if w.dim() != 3 or w.shape[1] != x.shape[1]:
+            raise ValueError(f"{op}: weights must be (E, D_in={x.shape[1]}, D_out), got shape {tuple(w.shape)}")
+        if w.shape != ws[0].shape:
+            raise ValueError(f"{op}: weights must share one shape, got {tuple(ws[0].shape)} and {tuple(w.shape)}")
+        if w.dtype != x.dtype:
+            raise ValueError(f"{op}: x ({x.dtype}) and the weights ({w.dtype}) must share a dtype")
+    E = ws[0].shape[0]
+    if expert_offsets.dim() != 1 or expert_offsets.numel() != E + 1:
+        raise ValueError(f"{op}: expert_offsets must have E+1={E + 1} entries, got shape {tuple(expert_offsets.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# References (plain torch): the specification, and Blues' CPU path.
+# ----------------------------------------------------------------------------------------------
 
 def moe_grouped_gemm_ref(x: torch.Tensor, expert_offsets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    assert x.dim() == 2 and w.dim() == 3 and x.shape[1] == w.shape[1], (tuple(x.shape), tuple(w.shape))
+    _check_gemm_args("moe_grouped_gemm_ref", x, expert_offsets, w)
     E = w.shape[0]
-    assert expert_offsets.numel() == E + 1
     # NOTE: the split sizes need one host sync; the Triton path has none. Each expert's weight comes
     # from unbind() rather than w[e]: indexing w[e] makes every backward write a full-size zero
     # gradient (6.4 s vs 0.9 s at E=64, see shared notes).
@@ -27,3 +66,391 @@ def moe_grouped_gemm_ref(x: torch.Tensor, expert_offsets: torch.Tensor, w: torch
     outs = [chunk @ we for chunk, we in zip(chunks[:E], w.unbind(0))]
     outs.append(x.new_zeros(sizes[E], w.shape[2]))
     return torch.cat(outs, dim=0)  # (N, D_out)
+
+
+def moe_grouped_swiglu_ref(x: torch.Tensor, expert_offsets: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                           sorted_slots: Optional[torch.Tensor] = None, top_k: int = 1) -> torch.Tensor:
+    _check_gemm_args("moe_grouped_swiglu_ref", x, expert_offsets, w_gate, w_up)
+    if sorted_slots is not None:
+        x = x.index_select(0, torch.div(sorted_slots, top_k, rounding_mode="floor"))  # (S, D) = moe_permute_ref
+    g = moe_grouped_gemm_ref(x, expert_offsets, w_gate)  # (N, F)
+    u = moe_grouped_gemm_ref(x, expert_offsets, w_up)  # (N, F)
+    return F.silu(g) * u  # (N, F); zero past expert_offsets[E] since g = u = 0 there
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _moe_row_tile(offsets_ptr, N, E, pid, BLOCK_M: tl.constexpr, BLOCK_SEG: tl.constexpr):
+    """Program pid's row tile: (segment, first row, end of the segment's rows). Segments 0..E-1 are
+    the experts, segment E the dropped rows [expert_offsets[E], N); segment > E means idle."""
+    segs = tl.arange(0, BLOCK_SEG)
+    starts = tl.load(offsets_ptr + segs, mask=segs <= E, other=0).to(tl.int32)
+    ends = tl.load(offsets_ptr + segs + 1, mask=segs < E, other=N).to(tl.int32)
+    ends = tl.where(segs <= E, ends, 0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M  # (BLOCK_SEG,) row tiles per segment
+    last = tl.cumsum(tiles, axis=0)  # inclusive prefix sum
+    seg = tl.sum((last <= pid).to(tl.int32), axis=0)
+    here = segs == seg
+    first_tile = tl.sum(tl.where(here, last - tiles, 0), axis=0)
+    row0 = tl.sum(tl.where(here, starts, 0), axis=0) + (pid - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(here, ends, 0), axis=0)
+    return seg, row0, row_end
+
+
+# Tensor contract of _moe_grouped_gemm_kernel. Program (i, j) owns row tile i (see _moe_row_tile)
+# and output columns [j*BLOCK_N, (j+1)*BLOCK_N).
+#   a        rows of A, strides (stride_am, stride_ak); row r reads A[gather[r] // gather_div] when
+#            GATHER, else A[r]
+#   b        (E, K, N_OUT) strides (stride_be, stride_bk, stride_bn): any layout, so the backward
+#            passes w transposed without a copy
+#   c        (N, N_OUT) row stride stride_cm, written: expert rows A_rows @ b[e], dropped rows zero
+@triton.jit
+def _moe_grouped_gemm_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, offsets_ptr,
+                             N, K, N_OUT, E, gather_div,
+                             stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm,
+                             GATHER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr):
+    seg, row0, row_end = _moe_row_tile(offsets_ptr, N, E, tl.program_id(0), BLOCK_M, BLOCK_SEG)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N_OUT
+    c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :]
+    if seg < E:
+        if GATHER:
+            src = tl.load(gather_ptr + rows, mask=rmask, other=0) // gather_div
+        else:
+            src = rows.to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
+        b_ptrs = b_ptr + seg.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + ks) < K
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    else:
+        tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+
+
+# Tensor contract of _moe_grouped_swiglu_kernel (forward of the gate and up projections).
+#   x          rows, strides (stride_xm, stride_xk); gathered through sorted_slots // gather_div
+#              when GATHER, as in _moe_grouped_gemm_kernel
+#   w_gate     (E, D, F), w_up (E, D, F), strides (stride_we, stride_wk, stride_wn) shared
+#   g, u, h    (N, F) contiguous, x's dtype, written: g = x@w_gate[e], u = x@w_up[e] (kept for the
+#              backward), h = silu(g) * u computed from the fp32 accumulators; zero on dropped rows
+@triton.jit
+def _moe_grouped_swiglu_kernel(x_ptr, gather_ptr, wg_ptr, wu_ptr, g_ptr, u_ptr, h_ptr, offsets_ptr,
+                               N, D, F, E, gather_div,
+                               stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
+                               GATHER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr):
+    seg, row0, row_end = _moe_row_tile(offsets_ptr, N, E, tl.program_id(0), BLOCK_M, BLOCK_SEG)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    mask = rmask[:, None] & cmask[None, :]
+    out_offs = rows[:, None].to(tl.int64) * F + cols[None, :]
+    if seg < E:
+        if GATHER:
+            src = tl.load(gather_ptr + rows, mask=rmask, other=0) // gather_div
+        else:
+            src = rows.to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + src[:, None] * stride_xm + ks[None, :] * stride_xk
+        w_offs = seg.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kmask = (k0 + ks) < D
+            a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            bmask = kmask[:, None] & cmask[None, :]
+            bg = tl.load(wg_ptr + w_offs, mask=bmask, other=0.0)
+            bu = tl.load(wu_ptr + w_offs, mask=bmask, other=0.0)
+            acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_offs += BLOCK_K * stride_wk
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(g_ptr + out_offs, acc_g.to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(u_ptr + out_offs, acc_u.to(u_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_ptr + out_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+    else:
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=h_ptr.dtype.element_ty)
+        tl.store(g_ptr + out_offs, zero, mask=mask)
+        tl.store(u_ptr + out_offs, zero, mask=mask)
+        tl.store(h_ptr + out_offs, zero, mask=mask)
+
+
+@triton.jit
+def _swiglu_grads(dh, g, u, out_dtype: tl.constexpr):
+    """(dL/dg, dL/du) of h = silu(g) * u, in fp32, cast to the GEMM operand dtype."""
+    g = g.to(tl.float32)
+    sg = tl.sigmoid(g)
+    dhf = dh.to(tl.float32)
+    dg = dhf * u.to(tl.float32) * sg * (1.0 + g * (1.0 - sg))
+    du = dhf * g * sg
+    return dg.to(out_dtype), du.to(out_dtype)
+
+
+# Tensor contract of _moe_grouped_gemm_dw_kernel (per-expert weight gradient). Program (e, i, j)
+# owns dw[e, i*BLOCK_M:, j*BLOCK_N:] and walks expert e's rows in chunks of BLOCK_R.
+#   a      rows, strides (stride_am, stride_ak), gathered as in _moe_grouped_gemm_kernel when GATHER
+#   dc     (N, N_OUT) row stride stride_dcm: gradient of the forward's output
+#   dw     (E, K, N_OUT) contiguous, written in full: a_rows^T @ dc_rows (zero for an expert with no row)
+# When SWIGLU, dc is dh and (g, u) are read too: the kernel writes dw = a^T dg and dw2 = a^T du.
+@triton.jit
+def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, g_ptr, u_ptr, dw_ptr, dw2_ptr, offsets_ptr,
+                                K, N_OUT, gather_div,
+                                stride_am, stride_ak, stride_dcm,
+                                GATHER: tl.constexpr, SWIGLU: tl.constexpr, PRECISION: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    e = tl.program_id(0)
+    kk = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    nn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kmask = kk < K
+    nmask = nn < N_OUT
+    start = tl.load(offsets_ptr + e).to(tl.int32)
+    end = tl.load(offsets_ptr + e + 1).to(tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rr = tl.arange(0, BLOCK_R)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + rr
+        rmask = rows < end
+        if GATHER:
+            src = tl.load(gather_ptr + rows, mask=rmask, other=0) // gather_div
+        else:
+            src = rows.to(tl.int64)
+        a = tl.load(a_ptr + src[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)  # (BR, BM)
+        dmask = rmask[:, None] & nmask[None, :]
+        d_offs = rows[:, None].to(tl.int64) * stride_dcm + nn[None, :]
+        dc = tl.load(dc_ptr + d_offs, mask=dmask, other=0.0)  # (BR, BN)
+        if SWIGLU:
+            g = tl.load(g_ptr + d_offs, mask=dmask, other=0.0)
+            u = tl.load(u_ptr + d_offs, mask=dmask, other=0.0)
+            dg, du = _swiglu_grads(dc, g, u, a.dtype)
+            acc = tl.dot(tl.trans(a), dg, acc, input_precision=PRECISION)
+            acc2 = tl.dot(tl.trans(a), du, acc2, input_precision=PRECISION)
+        else:
+            acc = tl.dot(tl.trans(a), dc, acc, input_precision=PRECISION)
+    w_offs = e.to(tl.int64) * K * N_OUT + kk[:, None] * N_OUT + nn[None, :]
+    wmask = kmask[:, None] & nmask[None, :]
+    tl.store(dw_ptr + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=wmask)
+    if SWIGLU:
+        tl.store(dw2_ptr + w_offs, acc2.to(dw2_ptr.dtype.element_ty), mask=wmask)
+
+
+# Tensor contract of _moe_grouped_swiglu_bwd_dx_kernel (input gradient of the SwiGLU op, rows in
+# expert order). Program (i, j) owns row tile i and columns [j*BLOCK_N, (j+1)*BLOCK_N) of D.
+#   dh, g, u        (N, F) contiguous: gradient of h and the forward's saved projections
+#   w_gate, w_up    (E, D, F), strides (stride_we, stride_wd, stride_wf) shared
+#   dx              (N, D) contiguous, written: dg @ w_gate[e]^T + du @ w_up[e]^T, zero on dropped rows
+@triton.jit
+def _moe_grouped_swiglu_bwd_dx_kernel(dh_ptr, g_ptr, u_ptr, wg_ptr, wu_ptr, dx_ptr, offsets_ptr,
+                                      N, D, F, E, stride_we, stride_wd, stride_wf,
+                                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr):
+    seg, row0, row_end = _moe_row_tile(offsets_ptr, N, E, tl.program_id(0), BLOCK_M, BLOCK_SEG)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < D
+    dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * D + cols[None, :]
+    if seg < E:
+        ks = tl.arange(0, BLOCK_K)
+        h_offs = rows[:, None].to(tl.int64) * F + ks[None, :]
+        w_offs = seg.to(tl.int64) * stride_we + ks[:, None] * stride_wf + cols[None, :] * stride_wd
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            kmask = (k0 + ks) < F
+            hmask = rmask[:, None] & kmask[None, :]
+            dh = tl.load(dh_ptr + h_offs, mask=hmask, other=0.0)
+            g = tl.load(g_ptr + h_offs, mask=hmask, other=0.0)
+            u = tl.load(u_ptr + h_offs, mask=hmask, other=0.0)
+            wmask = kmask[:, None] & cmask[None, :]
+            bg = tl.load(wg_ptr + w_offs, mask=wmask, other=0.0)  # (BK, BN) = w_gate[e]^T tile
+            bu = tl.load(wu_ptr + w_offs, mask=wmask, other=0.0)
+            dg, du = _swiglu_grads(dh, g, u, bg.dtype)
+            acc = tl.dot(dg, bg, acc, input_precision=PRECISION)
+            acc = tl.dot(du, bu, acc, input_precision=PRECISION)
+            h_offs += BLOCK_K
+            w_offs += BLOCK_K * stride_wf
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    else:
+        tl.store(dx_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=dx_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers and autograd glue
+# ----------------------------------------------------------------------------------------------
+
+# Tile shapes per kernel for bf16/fp16 on sm_90, chosen so that no kernel spills registers (checked
+# from the cubin by tests/test_moe_grouped_gemm.py::test_gpu_build_sm90). Not autotuned: no GPU was
+# at hand to time them; benchmarks/moe_layer.py is where to do it.
+#                 BLOCK_M, BLOCK_N, BLOCK_K (BLOCK_R for dw: rows per step), num_warps, num_stages
+_GPU_TILES = {
+    "gemm": (128, 128, 64, 8, 3),  # 121 registers, 96 KiB shared
+    "swiglu": (128, 64, 64, 8, 3),  # two accumulators: BLOCK_N=128 spills
+    "swiglu_dx": (128, 128, 32, 8, 4),  # five operand tiles per step
+    "dw": (128, 128, 64, 8, 3),
+    "swiglu_dw": (128, 128, 32, 8, 4),
+}
+_GPU_TILES_FP32 = (64, 64, 32, 4, 3)
+
+
+def _gemm_config(kind: str, dtype: torch.dtype) -> dict:
+    if interpret_mode():
+        # The CPU interpreter pays per program; 32 still leaves several K chunks on the test widths.
+        bm, bn, bk, warps, stages = 32, 32, 32, 4, 1
+    elif dtype == torch.float32:
+        bm, bn, bk, warps, stages = _GPU_TILES_FP32
+    else:
+        bm, bn, bk, warps, stages = _GPU_TILES[kind]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products, as torch's fp32 matmul (TF32 off by default).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _row_tiles(N: int, E: int, block_m: int) -> int:
+    """Upper bound on the row tiles of all segments, known without reading expert_offsets: since
+    cdiv(a) + cdiv(b) <= cdiv(a + b) + 1, m non-empty segments (m <= E+1 and m <= N) need at most
+    cdiv(N, BM) + m - 1 tiles."""
+    return triton.cdiv(N, block_m) + min(E, max(N - 1, 0))
+
+
+def _grouped_gemm(a, expert_offsets, b, n_out_rows, K, N_OUT, E, *, gather=None, gather_div=1,
+                  b_strides=None, out_dtype=None):
+    """C (n_out_rows, N_OUT) = per-segment A @ b[e] (see _moe_grouped_gemm_kernel)."""
+    cfg = _gemm_config("gemm", a.dtype)
+    c = torch.empty((n_out_rows, N_OUT), dtype=out_dtype or a.dtype, device=a.device)
+    if n_out_rows == 0 or N_OUT == 0:
+        return c
+    sbe, sbk, sbn = b_strides if b_strides is not None else b.stride()
+    grid = (_row_tiles(n_out_rows, E, cfg["BLOCK_M"]), triton.cdiv(N_OUT, cfg["BLOCK_N"]))
+    runnable(_moe_grouped_gemm_kernel)[grid](
+        a, gather if gather is not None else expert_offsets, b, c, expert_offsets,
+        n_out_rows, K, N_OUT, E, gather_div,
+        a.stride(0), a.stride(1), sbe, sbk, sbn, c.stride(0),
+        GATHER=gather is not None, PRECISION=_precision(a.dtype), BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
+    return c
+
+
+def _grouped_dw(a, expert_offsets, dc, E, K, N_OUT, *, gather=None, gather_div=1, g=None, u=None, dtype=None):
+    """dw (E, K, N_OUT) = per-expert a_rows^T @ dc_rows (two outputs from dh, g, u when g is given)."""
+    swiglu = g is not None
+    cfg = _gemm_config("swiglu_dw" if swiglu else "dw", a.dtype)
+    dw = torch.empty((E, K, N_OUT), dtype=dtype or a.dtype, device=a.device)
+    dw2 = torch.empty_like(dw) if swiglu else None
+    if E == 0 or K == 0 or N_OUT == 0:
+        return dw, dw2
+    grid = (E, triton.cdiv(K, cfg["BLOCK_M"]), triton.cdiv(N_OUT, cfg["BLOCK_N"]))
+    runnable(_moe_grouped_gemm_dw_kernel)[grid](
+        a, gather if gather is not None else expert_offsets, dc, g if swiglu else dc, u if swiglu else dc,
+        dw, dw2 if swiglu else dw, expert_offsets, K, N_OUT, gather_div,
+        a.stride(0), a.stride(1), dc.stride(0),
+        GATHER=gather is not None, SWIGLU=swiglu, PRECISION=_precision(a.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dw, dw2
+
+
+class _MoEGroupedGemm(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, expert_offsets, w):
+        E, D_in, D_out = w.shape
+        ctx.save_for_backward(x, expert_offsets, w)
+        return _grouped_gemm(x, expert_offsets, w, x.shape[0], D_in, D_out, E)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, expert_offsets, w = ctx.saved_tensors
+        E, D_in, D_out = w.shape
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # dx = dy @ w[e]^T: w read transposed through its strides
+            dx = _grouped_gemm(dy, expert_offsets, w, x.shape[0], D_out, D_in, E,
+                               b_strides=(w.stride(0), w.stride(2), w.stride(1)))
+        if ctx.needs_input_grad[2]:
+            dw, _ = _grouped_dw(x, expert_offsets, dy, E, D_in, D_out)
+        return dx, None, dw
+
+
+class _MoEGroupedSwiGLU(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, expert_offsets, w_gate, w_up, sorted_slots, top_k):
+        E, D, Fh = w_gate.shape
+        N = sorted_slots.numel() if sorted_slots is not None else x.shape[0]
+        cfg = _gemm_config("swiglu", x.dtype)
+        g = torch.empty((N, Fh), dtype=x.dtype, device=x.device)
+        u = torch.empty_like(g)
+        h = torch.empty_like(g)
+        if N > 0 and Fh > 0:
+            grid = (_row_tiles(N, E, cfg["BLOCK_M"]), triton.cdiv(Fh, cfg["BLOCK_N"]))
+            runnable(_moe_grouped_swiglu_kernel)[grid](
+                x, sorted_slots if sorted_slots is not None else expert_offsets, w_gate, w_up, g, u, h,
+                expert_offsets, N, D, Fh, E, top_k, x.stride(0), x.stride(1),
+                w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
+                GATHER=sorted_slots is not None, PRECISION=_precision(x.dtype),
+                BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
+        ctx.save_for_backward(x, expert_offsets, w_gate, w_up, sorted_slots, g, u)
+        ctx.top_k = top_k
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        x, expert_offsets, w_gate, w_up, sorted_slots, g, u = ctx.saved_tensors
+        E, D, Fh = w_gate.shape
+        N = g.shape[0]
+        dh = dh.contiguous()
+        dx = dwg = dwu = None
+        if ctx.needs_input_grad[0]:
+            cfg = _gemm_config("swiglu_dx", x.dtype)
+            dx_rows = torch.empty((N, D), dtype=x.dtype, device=x.device)
+            if N > 0 and D > 0:
+                grid = (_row_tiles(N, E, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_N"]))
+                runnable(_moe_grouped_swiglu_bwd_dx_kernel)[grid](
+                    dh, g, u, w_gate, w_up, dx_rows, expert_offsets, N, D, Fh, E,
+                    w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
+                    PRECISION=_precision(x.dtype), BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
+            if sorted_slots is not None:
+                # The gather's backward: each token sums its K rows, through the inverse (no atomics).
+                dx = _combine(dx_rows, _inverse_of(sorted_slots), None, x.shape[0], ctx.top_k, x.dtype)
+            else:
+                dx = dx_rows
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            dwg, dwu = _grouped_dw(x, expert_offsets, dh, E, D, Fh, gather=sorted_slots, gather_div=ctx.top_k,
+                                   g=g, u=u, dtype=w_gate.dtype)
+        return dx, None, dwg, dwu, None, None
+
+
+def moe_grouped_gemm(x: torch.Tensor, expert_offsets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Triton launcher with `moe_grouped_gemm_ref`'s contract; backward gives dx and per-expert dw."""
+    _check_gemm_args("moe_grouped_gemm", x, expert_offsets, w)
+    check_triton_inputs("moe_grouped_gemm", x, expert_offsets, w)
+    return _MoEGroupedGemm.apply(x, expert_offsets, w)
+
+
+def moe_grouped_swiglu(x: torch.Tensor, expert_offsets: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                       sorted_slots: Optional[torch.Tensor] = None, top_k: int = 1) -> torch.Tensor:
+    """Triton launcher with `moe_grouped_swiglu_ref`'s contract: gate and up projections in one
+    grouped GEMM (shared loads of x, optionally gathered through sorted_slots), SwiGLU in the epilogue."""
+    _check_gemm_args("moe_grouped_swiglu", x, expert_offsets, w_gate, w_up)
+    check_triton_inputs("moe_grouped_swiglu", x, expert_offsets, w_gate, w_up, sorted_slots)
+    return _MoEGroupedSwiGLU.apply(x, expert_offsets, w_gate, w_up, sorted_slots, int(top_k))

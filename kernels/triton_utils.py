@@ -8,8 +8,11 @@ time and rebuilds the kernel in the mode asked for, once, from the same Python f
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -31,15 +34,20 @@ except ImportError:  # pragma: no cover - exercised only where Triton is not ins
     tl = None
 
 __all__ = ["HAS_TRITON", "triton", "tl", "triton_available", "interpret_mode", "check_triton_inputs", "runnable",
-           "next_pow2", "TritonUnavailableError"]
+           "next_pow2", "TritonUnavailableError", "record_launches", "compile_for_gpu", "cubin_resource_usage"]
 
 
 class TritonUnavailableError(RuntimeError):
     """Raised by a Triton launcher that cannot run here (no Triton, or CPU tensors without the interpreter)."""
 
 
+_RECORDER = None  # set by record_launches()
+
+
 def interpret_mode() -> bool:
     """True when TRITON_INTERPRET asks for the CPU interpreter (read now, not at import)."""
+    if _RECORDER is not None:
+        return False  # record_launches() wants the launches a GPU would get
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
@@ -63,6 +71,8 @@ def check_triton_inputs(op: str, *tensors: torch.Tensor) -> None:
     if not HAS_TRITON:
         raise TritonUnavailableError(f"{op}: Triton is not installed; use moe_backend='torch' "
                                      f"(the {op}_ref path) or install triton (Linux only)")
+    if _RECORDER is not None:
+        return
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op}: all inputs must be on one device, got {sorted(str(d) for d in devices)}")
@@ -76,18 +86,82 @@ def check_triton_inputs(op: str, *tensors: torch.Tensor) -> None:
 _REBUILT: dict = {}
 
 
+class _InterpretedLaunch:
+    """An interpreted kernel whose @triton.jit helpers (other functions of its module) are swapped
+    for interpreted copies while it runs, and put back afterwards."""
+
+    def __init__(self, fn):
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        self.kernel = InterpretedFunction(fn)
+        self.module_globals = fn.__globals__
+        self.helpers = {name: InterpretedFunction(obj.fn) for name, obj in fn.__globals__.items()
+                        if isinstance(obj, JITFunction) and obj.fn is not fn}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            saved = {name: self.module_globals[name] for name in self.helpers}
+            self.module_globals.update(self.helpers)
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                self.module_globals.update(saved)
+        return launch
+
+
 def runnable(kernel):
-    """The kernel object to launch: `kernel` itself, or a copy built in the mode TRITON_INTERPRET asks now."""
+    """The kernel object to launch: `kernel` itself, or a copy built in the mode TRITON_INTERPRET asks now.
+
+    (Only the compiled -> interpreted direction needs the helper swap; a module imported under
+    TRITON_INTERPRET=1 and later launched on CUDA with it unset is not supported.)"""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
+    if _RECORDER is not None:
+        return _RecordingLaunch(kernel, _RECORDER)
     want_interp = interpret_mode()
     if isinstance(kernel, InterpretedFunction) == want_interp:
         return kernel
     key = (kernel.fn, want_interp)
     if key not in _REBUILT:
-        _REBUILT[key] = InterpretedFunction(kernel.fn) if want_interp else JITFunction(kernel.fn)
+        _REBUILT[key] = _InterpretedLaunch(kernel.fn) if want_interp else JITFunction(kernel.fn)
     return _REBUILT[key]
+
+
+class _RecordingLaunch:
+
+    def __init__(self, kernel, sink: list):
+        self.kernel, self.sink = kernel, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            fn = getattr(self.kernel, "fn", self.kernel)
+            options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+            bound = inspect.signature(fn).bind(*args, **kwargs)
+            self.sink.append(LaunchRecord(fn, tuple(grid), dict(bound.arguments), options))
+        return launch
+
+
+class LaunchRecord(NamedTuple):
+    fn: object
+    grid: tuple
+    args: dict
+    options: dict
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within the block, every launch the Blues ops would make on a GPU (with the GPU tile configs)
+    is recorded instead of run, and no device check applies: the tests compile each recorded launch
+    for sm_90 on a CPU machine (`compile_for_gpu`). Outputs are left uninitialised."""
+    global _RECORDER
+    assert _RECORDER is None, "record_launches() does not nest"
+    _RECORDER = []
+    try:
+        yield _RECORDER
+    finally:
+        _RECORDER = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,16 +170,52 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def compile_for_gpu(kernel, signature: dict, constexprs: dict, arch: int = 90):
+def compile_for_gpu(kernel, args: dict, arch: int = 90, **options):
     """Compile `kernel` ahead of time for an NVIDIA GPU of compute capability `arch` (90 = H100),
     down to a cubin with the ptxas that ships in the Triton wheel. Needs no GPU: the tests use it
-    on CPU machines to prove that every kernel also builds for the real target, which the CPU
-    interpreter (permissive about types, block shapes and tl.dot sizes) cannot show."""
-    from triton.backends.compiler import GPUTarget
+    on CPU machines to show that every kernel also builds for the real target, which the CPU
+    interpreter (permissive about types, block shapes and tl.dot sizes) cannot show.
+
+    `args` maps every parameter to the value a launch would pass (CPU tensors stand in for device
+    pointers); constexpr parameters take their value. Integers and pointers are specialised exactly
+    as a real launch does (16-divisible values marked, the value 1 folded to a constant)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
     fn = getattr(kernel, "fn", kernel)
     jit_fn = triton.runtime.jit.JITFunction(fn)
-    sig = dict(signature)
-    sig.update({name: "constexpr" for name in constexprs})
-    return triton.compile(ASTSource(jit_fn, sig, dict(constexprs)), target=GPUTarget("cuda", arch, 32))
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(jit_fn.params):
+        value = args[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+            continue
+        ty, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        if ty == "constexpr":  # an integer 1
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = spec
+            continue
+        signature[param.name] = ty
+        if spec:
+            attrs[(i,)] = BaseBackend.parse_attr(spec)
+    src = ASTSource(jit_fn, signature, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options or None)
+
+
+def cubin_resource_usage(compiled) -> dict:
+    """Registers and spill stack of a compiled kernel, read from its cubin with the cuobjdump that
+    ships in the Triton wheel: {'REG': int, 'STACK': int, 'SHARED': bytes of dynamic shared memory}."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK):(\d+)", text)}
+    usage["SHARED"] = compiled.metadata.shared
+    return usage
