@@ -649,8 +649,15 @@ def _write_json(path: str, obj: Any) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (and --help for the rest)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blues-probe", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="blues-probe", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="Blues config overrides (as for training)")
     p.add_argument("--config", help="a YAML/JSON file of Blues config fields (as for blues-train)")
@@ -680,7 +687,6 @@ def validate(args: argparse.Namespace) -> None:
     """Everything a user can get wrong, before any process starts: ValueError naming it."""
     from blues.ds_config import load_ds_config, resolve_ds_config
     from blues.submit import load_blues_config
-    import torch
     for name in ("nnodes", "max_micro_batch", "trial_timeout"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)} is invalid: expected a positive integer")
@@ -694,21 +700,28 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--router_skew {args.router_skew} is invalid: expected a fraction in (0, 1]")
     if args.target_tokens is not None and args.target_tokens < 1:
         raise ValueError(f"--target_tokens {args.target_tokens} is invalid: expected a positive integer")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu with --memory_budget")
-    if args.nproc_per_node is None:
-        args.nproc_per_node = torch.cuda.device_count() if args.device == "cuda" else 1
-    if args.device == "cuda" and args.nproc_per_node > torch.cuda.device_count():
-        raise ValueError(f"--nproc_per_node {args.nproc_per_node} exceeds the {torch.cuda.device_count()} visible GPU(s)")
+    # The config first: it needs no torch (a second to import), and it is where most mistakes are.
+    cfg = load_blues_config(args.config, args.preset, args.overrides)
+    ds = load_ds_config(args.deepspeed_config)
+    if args.device != "cpu":
+        import torch
+        cuda = torch.cuda.is_available()
+        if args.device == "cuda" and not cuda:
+            raise ValueError("--device cuda: no CUDA device is visible; use --device cpu with --memory_budget")
+        args.device = "cuda" if cuda else "cpu"
+        if cuda and (args.nproc_per_node or 0) > torch.cuda.device_count():
+            raise ValueError(f"--nproc_per_node {args.nproc_per_node} exceeds the {torch.cuda.device_count()} "
+                             "visible GPU(s)")
+        if args.nproc_per_node is None:
+            args.nproc_per_node = torch.cuda.device_count() if cuda else 1
+    elif args.nproc_per_node is None:
+        args.nproc_per_node = 1
     world = args.nnodes * args.nproc_per_node
     parse_budgets(args.memory_budget, world)
-    cfg = load_blues_config(args.config, args.preset, args.overrides)
     if cfg.train.ep_size > 1 and world % cfg.train.ep_size:
         raise ValueError(f"ep_size={cfg.train.ep_size} does not divide the probe's world size {world} "
                          f"({args.nnodes} node(s) x {args.nproc_per_node}): probe with the layout training uses")
-    resolve_ds_config(load_ds_config(args.deepspeed_config), cfg, world)
+    resolve_ds_config(ds, cfg, world)
     if args.out_dir is None:
         args.out_dir = os.path.join(cfg.train.out_dir, "probe")
     args.out_dir = os.path.abspath(args.out_dir)
@@ -773,7 +786,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_trial"]:
         return run_trial(TrialSpec(**json.loads(argv[1])))
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         validate(args)
         if args._coordinator:

@@ -55,19 +55,15 @@ def parse_time_limit(value: str) -> int:
     return int(a) * 60  # M
 
 
-def load_blues_config(config: Optional[str], overrides: list[str]):
-    """The BluesConfig that training will see: a file or a preset name, then key=value overrides."""
-    from blues.config import BluesConfig, PRESETS, get_preset
+def load_blues_config(config: Optional[str], preset: Optional[str], overrides: list[str]):
+    """The BluesConfig training will see (blues.train.load_config's rules: --config FILE or --preset NAME,
+    tiny when neither, then key=value overrides), without importing torch."""
+    from blues.config import BluesConfig, get_preset
     try:
-        if config is None:
-            cfg = BluesConfig()
-        elif os.path.isfile(config):
-            cfg = BluesConfig.from_file(config)
-        elif config in PRESETS:
-            cfg = get_preset(config)
-        else:
-            raise SubmitError(f"--config {config!r} is neither a file nor a preset ({', '.join(PRESETS)})")
-        return cfg.with_overrides(overrides)
+        if preset and config:
+            raise SubmitError(f"--preset {preset} and --config {config} are both given: pass one of them")
+        cfg = BluesConfig.from_file(config) if config else get_preset(preset or "tiny")
+        return cfg.with_overrides(overrides) if overrides else cfg
     except SubmitError:
         raise
     except ValueError as e:
@@ -182,6 +178,7 @@ def check_allocation(part: Optional[PartitionInfo], nodes: int, procs_per_node: 
 @dataclass
 class Job:
     config: Optional[str]
+    preset: Optional[str]
     deepspeed_config: str
     overrides: list[str]
     nodes: int
@@ -226,11 +223,16 @@ class Job:
               f"--signal=B:USR1@{self.signal_seconds}", "--requeue"]
         return d + list(self.sbatch_args)
 
+    def _config_args(self) -> list[str]:
+        if self.config is not None:
+            return ["--config", shlex.quote(self.config)]
+        return ["--preset", shlex.quote(self.preset)] if self.preset else []
+
     def train_args(self) -> str:
         """blues.train's arguments, shell-quoted (the template adds the probe's overrides and --resume auto);
         with --probe the DeepSpeed config is the probed one."""
         ds = '"$PROBE_DIR/ds_config.json"' if self.probe else shlex.quote(self.deepspeed_config)
-        args = ["--config", shlex.quote(self.config)] if self.config is not None else []
+        args = self._config_args()
         args += ["--deepspeed_config", ds] + [shlex.quote(o) for o in self.overrides]
         return " ".join(args)
 
@@ -241,6 +243,8 @@ class Job:
                       "--headroom", str(self.headroom)]
         if self.config is not None:
             probe_args = ["--config", self.config] + probe_args
+        elif self.preset:
+            probe_args = ["--preset", self.preset] + probe_args
         if self.memory_budget:
             probe_args += ["--memory_budget", self.memory_budget]
         if self.target_tokens:
@@ -323,11 +327,19 @@ def submit(script_path: str) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (and --help for the rest)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blues-submit", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="blues-submit", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides passed to training")
-    p.add_argument("--config", help="Blues config file (YAML/JSON) or preset name")
+    p.add_argument("--config", help="a YAML/JSON file of Blues config fields (as for blues-train)")
+    p.add_argument("--preset", help="tiny (default) or blues01, instead of --config")
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus_per_node", type=int, default=1,
@@ -376,7 +388,7 @@ def plan(args: argparse.Namespace, command: str) -> tuple[Job, list[str]]:
     overrides = list(args.overrides)
     if args.out_dir:
         overrides.append(f"out_dir={args.out_dir}")
-    cfg = load_blues_config(args.config, overrides)
+    cfg = load_blues_config(args.config, args.preset, overrides)
     ds = load_ds_json(args.deepspeed_config)
     notes = check_layout(cfg, ds, args.nodes, args.gpus_per_node)
 
@@ -390,8 +402,7 @@ def plan(args: argparse.Namespace, command: str) -> tuple[Job, list[str]]:
 
     workdir = os.getcwd()
     absolute = lambda p: p if os.path.isabs(p) else os.path.join(workdir, p)  # noqa: E731
-    config = absolute(args.config) if args.config and os.path.isfile(args.config) else args.config
-    job = Job(config=config, deepspeed_config=absolute(args.deepspeed_config), overrides=list(args.overrides),
+    job = Job(config=absolute(args.config) if args.config else None, preset=args.preset, deepspeed_config=absolute(args.deepspeed_config), overrides=list(args.overrides),
               nodes=args.nodes, procs_per_node=args.gpus_per_node, time=args.time, device=device,
               out_dir=absolute(cfg.train.out_dir), workdir=workdir, job_name=args.job_name,
               partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task, mem=args.mem,
@@ -405,7 +416,7 @@ def plan(args: argparse.Namespace, command: str) -> tuple[Job, list[str]]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     command = "blues-submit " + " ".join(shlex.quote(a) for a in argv)
     try:
         if not args.dry_run and shutil.which("sbatch") is None:
