@@ -6,11 +6,13 @@ Input: the built-in corpus (pydoc_data topics) repeated to about --mb megabytes 
 .jsonl files, prepared with the default tokenizer. For each num_proc, a fresh cache:
 - tokenize_mb_s: text bytes / time of pass 2 (read again, tokenize, write the token files)
 - end_to_end_s: the whole prepare() call (fingerprint, pass 1 reading and checking, pass 2, commit)
-Each setting runs --repeat times and the best is kept: the 2 cores here are shared with other work.
+Each setting runs --repeat times, settings interleaved, and the best is kept: the 2 cores here are
+shared with other work.
 plus, for reference, one thread of tiktoken's encode_ordinary on the same text with no I/O.
 Prints a table and writes one JSON object (machine-readable) to --out.
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -52,10 +54,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=float, default=32.0, help="megabytes of text to tokenize")
     p.add_argument("--num_proc", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--repeat", type=int, default=3, help="runs per setting; the best is reported (shared cores)")
+    p.add_argument("--repeat", type=int, default=5, help="runs per setting; the best is reported (shared cores)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "prepare.json"))
     args = p.parse_args()
 
+    load_at_start = os.getloadavg()[0]
     work = tempfile.mkdtemp(prefix="blues-bench-prepare-")
     try:
         src = os.path.join(work, "input")
@@ -72,34 +75,36 @@ def main() -> int:
             best = min(best, time.perf_counter() - t0)
         tiktoken_mb_s = reps * len(text.encode()) / 1e6 / best
 
+        # settings interleaved (1, 2, 1, 2, ...) so that both see the same background load
+        runs: dict[int, list] = {n: [] for n in args.num_proc}
+        for _ in range(args.repeat):
+            for n in args.num_proc:
+                cpu0 = cpu_seconds()
+                t0 = time.perf_counter()
+                meta = prepare(cache_dir=os.path.join(work, f"cache_np{n}"), input_dir=src, num_proc=n,
+                               progress=False, force=True)
+                runs[n].append((meta["tokenize_seconds"], time.perf_counter() - t0, meta, cpu_seconds() - cpu0))
         rows = []
         outputs = {}
         for n in args.num_proc:
-            cache = os.path.join(work, f"cache_np{n}")
-            runs = []
-            for _ in range(args.repeat):
-                cpu0 = cpu_seconds()
-                t0 = time.perf_counter()
-                meta = prepare(cache_dir=cache, input_dir=src, num_proc=n, progress=False, force=True)
-                runs.append((meta["tokenize_seconds"], time.perf_counter() - t0, meta, cpu_seconds() - cpu0))
-            tokenize_s = min(r[0] for r in runs)
-            end_to_end = min(r[1] for r in runs)
-            meta = runs[-1][2]
+            tokenize_s = min(r[0] for r in runs[n])
+            end_to_end = min(r[1] for r in runs[n])
+            meta = runs[n][-1][2]
             rows.append({
                 "num_proc": n,
                 "tokenize_mb_s": round(text_bytes / 1e6 / tokenize_s, 2),
                 "tokenize_s": tokenize_s,
-                "tokenize_s_all_runs": [r[0] for r in runs],
+                "tokenize_s_all_runs": [r[0] for r in runs[n]],
                 "read_check_s": meta["read_seconds"],
                 "end_to_end_s": round(end_to_end, 3),
                 "end_to_end_mb_s": round(text_bytes / 1e6 / end_to_end, 2),
                 "num_tokens": meta["num_tokens"],
                 # CPU seconds of this process and its (joined) workers for the whole prepare(): with
                 # the cores shared, wall time varies with other work, this much less
-                "cpu_s": round(min(r[3] for r in runs), 3),
+                "cpu_s": round(min(r[3] for r in runs[n]), 3),
             })
-            with open(os.path.join(cache, "train.bin"), "rb") as f:
-                outputs[n] = hash(f.read())
+            with open(os.path.join(work, f"cache_np{n}", "train.bin"), "rb") as f:
+                outputs[n] = hashlib.sha256(f.read()).hexdigest()
         identical = len(set(outputs.values())) == 1
         base = rows[0]["tokenize_mb_s"]
         for r in rows:
@@ -114,6 +119,7 @@ def main() -> int:
             "input": {"text_mb": round(text_bytes / 1e6, 2), "files": 8, "format": "jsonl",
                       "corpus": "pydoc_data.topics repeated"},
             "repeat": args.repeat, "reported": "best of repeat runs",
+            "load_average_1m_at_start": round(load_at_start, 2),
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),
             "tiktoken_one_thread_mb_s": round(tiktoken_mb_s, 2),
             "outputs_identical_across_num_proc": identical,
@@ -126,7 +132,8 @@ def main() -> int:
         for r in rows:
             print(f"{r['num_proc']:>8} {r['tokenize_mb_s']:>14.2f} {r['speedup_vs_first']:>8.2f} "
                   f"{r['end_to_end_s']:>13.2f} {r['read_check_s']:>13.2f} {r['cpu_s']:>7.2f}")
-        print(f"load average (1 min) at the end: {result['load_average_1m_at_end']} on {os.cpu_count()} CPUs")
+        print(f"load average (1 min): {load_at_start:.2f} at the start, {result['load_average_1m_at_end']} at the "
+              f"end, on {os.cpu_count()} CPUs")
         print(f"token files identical across num_proc: {identical}")
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
