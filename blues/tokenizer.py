@@ -126,7 +126,7 @@ class Tokenizer:
     @property
     def sha256(self) -> str:
         """sha256 of the vocabulary file (ranks in .tiktoken form); computed on first use
-        (about 0.2 s for o200k_base's 200k tokens)."""
+        (0.16 s here for 200k tokens, the size of o200k_base)."""
         if self._sha256 is None:
             self._sha256 = hashlib.sha256(ranks_to_bytes(self._ranks)).hexdigest()
         return self._sha256
