@@ -84,37 +84,73 @@ def check_triton_inputs(op: str, *tensors: torch.Tensor) -> None:
 
 
 _REBUILT: dict = {}
+_INTERPRETED_COPIES: dict = {}
+
+
+def _interpreted_copy(jit_fn):
+    """One interpreted twin per @triton.jit function (identity matters: Triton's interpreter
+    recognises its reduction combinators with `is`)."""
+    from triton.runtime.interpreter import InterpretedFunction, InterpreterError, _patch_lang
+
+    class _ScopedInterpretedFunction(InterpretedFunction):
+        # A device-function call. Triton's own __call__ patches triton.language for the interpreter
+        # and never restores it, which would break later compiled builds in this process.
+        def __call__(self, *args, **kwargs):
+            scope = _patch_lang(self.fn)
+            try:
+                return self.rewrite()(*args, **kwargs)
+            except InterpreterError:
+                raise
+            except Exception as e:
+                raise InterpreterError(repr(e)) from e
+            finally:
+                scope.restore()
+
+    if jit_fn.fn not in _INTERPRETED_COPIES:
+        _INTERPRETED_COPIES[jit_fn.fn] = _ScopedInterpretedFunction(jit_fn.fn)
+    return _INTERPRETED_COPIES[jit_fn.fn]
 
 
 class _InterpretedLaunch:
-    """An interpreted kernel whose @triton.jit helpers (other functions of its module) are swapped
-    for interpreted copies while it runs, and put back afterwards."""
+    """Runs a kernel that was decorated in compiled mode (TRITON_INTERPRET unset when its module, or
+    triton itself, was imported) in Triton's CPU interpreter.
+
+    The interpreter can only call @triton.jit functions that were themselves decorated in interpreter
+    mode: Blues' helpers and triton.language's own (tl.argmax, tl.sum, tl.cumsum, ...). For the
+    duration of the launch those names are swapped for interpreted twins, then put back, so the
+    process can still compile kernels for a GPU afterwards (the sm_90 build tests do)."""
 
     def __init__(self, fn):
+        import triton.language.random
+        import triton.language.standard
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
 
         self.kernel = InterpretedFunction(fn)
-        self.module_globals = fn.__globals__
-        self.helpers = {name: InterpretedFunction(obj.fn) for name, obj in fn.__globals__.items()
-                        if isinstance(obj, JITFunction) and obj.fn is not fn}
+        self.swaps = []
+        for namespace in (fn.__globals__, vars(triton.language), vars(triton.language.standard),
+                          vars(triton.language.random)):
+            for name, obj in list(namespace.items()):
+                if isinstance(obj, JITFunction) and obj.fn is not fn:
+                    self.swaps.append((namespace, name, obj, _interpreted_copy(obj)))
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            saved = {name: self.module_globals[name] for name in self.helpers}
-            self.module_globals.update(self.helpers)
+            for namespace, name, _, twin in self.swaps:
+                namespace[name] = twin
             try:
                 return self.kernel[grid](*args, **kwargs)
             finally:
-                self.module_globals.update(saved)
+                for namespace, name, original, _ in self.swaps:
+                    namespace[name] = original
         return launch
 
 
 def runnable(kernel):
     """The kernel object to launch: `kernel` itself, or a copy built in the mode TRITON_INTERPRET asks now.
 
-    (Only the compiled -> interpreted direction needs the helper swap; a module imported under
-    TRITON_INTERPRET=1 and later launched on CUDA with it unset is not supported.)"""
+    (A module imported under TRITON_INTERPRET=1 and later launched on CUDA with it unset is not
+    supported: Triton's own library would still be interpreted.)"""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
