@@ -198,6 +198,7 @@ class Job:
     headroom: float = 0.9
     target_tokens: Optional[int] = None
     sbatch_args: list[str] = field(default_factory=list)
+    train_args_extra: list[str] = field(default_factory=list)
     command: str = ""
 
     @property
@@ -233,7 +234,10 @@ class Job:
         with --probe the DeepSpeed config is the probed one."""
         ds = '"$PROBE_DIR/ds_config.json"' if self.probe else shlex.quote(self.deepspeed_config)
         args = self._config_args()
-        args += ["--deepspeed_config", ds] + [shlex.quote(o) for o in self.overrides]
+        # blues.train parses key=value as one run of positionals: flags first, then every override
+        # (the template appends the probe's overrides right after these).
+        args += ["--deepspeed_config", ds] + [shlex.quote(a) for a in self.train_args_extra]
+        args += [shlex.quote(o) for o in self.overrides]
         return " ".join(args)
 
     def probe_block(self) -> str:
@@ -360,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target_tokens", type=int, help="probe: global batch in tokens (sets grad_accum)")
     p.add_argument("--out_dir", help="override the config's out_dir (checkpoints, logs, the script)")
     p.add_argument("--sbatch_arg", action="append", default=[], help="extra #SBATCH option, repeatable")
+    p.add_argument("--train_arg", action="append", default=[],
+                   help="extra blues-train flag, repeatable (e.g. --train_arg=--no_export)")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print and check the script; do not submit")
     return p
@@ -408,6 +414,7 @@ def plan(args: argparse.Namespace, command: str) -> tuple[Job, list[str]]:
               partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task, mem=args.mem,
               signal_seconds=args.signal_seconds, probe=args.probe, memory_budget=args.memory_budget,
               headroom=args.headroom, target_tokens=args.target_tokens, sbatch_args=args.sbatch_arg,
+              train_args_extra=args.train_arg,
               command=command)
     if args.out_dir:
         job.overrides.append(f"out_dir={job.out_dir}")
