@@ -189,7 +189,7 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def save(engine, out_dir: str, step: int, blues_state: dict[str, Any], meta: dict[str, Any],
-         keep_last: int) -> str:
+         keep_last: int, _before_commit=None) -> str:
     """Save a checkpoint of `engine` at `step` (collective: every rank calls it). Returns its folder.
 
     blues_state: this rank's part of client_state["blues"] except the RNG (gathered here from every
@@ -207,6 +207,8 @@ def save(engine, out_dir: str, step: int, blues_state: dict[str, Any], meta: dic
     tag = tag_for(step)
     state = dict(blues_state, rng=rngs)
     engine.save_checkpoint(d, tag=tag, client_state={"blues": state}, save_latest=False)
+    if _before_commit is not None:
+        _before_commit()  # tests: die here, with the files written and nothing committed
     if dist:
         dist.barrier()  # every rank has returned from its writes
     if rank == 0:

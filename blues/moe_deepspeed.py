@@ -139,6 +139,7 @@ class DeepSpeedMoE(nn.Module):
             use_rts=False,
             top2_2nd_expert_sampling=noise and K == 2,
         )
+        self._noise_top2 = noise and K == 2
         self.shared = SwiGLU(D, m.num_shared_experts * Fh) if m.num_shared_experts else None
         self._init_local_experts(config)
         self._gate_seen: Optional[tuple] = None
@@ -175,6 +176,9 @@ class DeepSpeedMoE(nn.Module):
         B, T, D = x.shape
         E, K = self.num_experts, self.cfg.top_k
         self._gate_seen = None
+        # DeepSpeed samples the second expert whenever this is set, eval included; Blues adds noise in
+        # training only.
+        self.moe.deepspeed_moe.gate.top2_2nd_expert_sampling = self._noise_top2 and self.training
         out, _ds_l_aux, _ = self.moe(x)  # (B, T, D)
         assert self._gate_seen is not None, "DeepSpeed's gate did not run"
         gate_in, indices, exp_counts = self._gate_seen  # (N, D), (K, N), (E,)
@@ -238,8 +242,8 @@ def load_stacked_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     """Copy a stacked-layout state dict (as save_pretrained writes it) into a model with
     DeepSpeedMoE layers: each rank takes its own experts. Names and shapes are checked first."""
     layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, DeepSpeedMoE)}
-    own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
+    persistent = set(model.state_dict())
+    own = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n in persistent}
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     problems = []
     for prefix, layer in layers.items():

@@ -30,7 +30,8 @@ by the local ranks; override with BLUES_PEAK_FLOPS (per rank).
 
 Test-only fault injection (environment): BLUES_FAULT_NAN_STEPS="3,4" makes rank 0's loss NaN at
 those steps (1-based); BLUES_FAULT_KILL_IN_SAVE=N makes rank 1 SIGKILL itself in the middle of
-writing the step-N checkpoint.
+writing the step-N checkpoint (after the files, before the commit); BLUES_TEST_STEP_SLEEP=S
+sleeps S seconds after every step (to aim signals).
 """
 from __future__ import annotations
 
@@ -161,10 +162,11 @@ def apply_ac(model, cfg: BluesConfig) -> None:
 def apply_zero3_leaf(model, stage: int) -> None:
     """Under ZeRO 3, fetch each stacked-experts MoE layer as one unit.
 
-    blues.moe.MoE reads its router's and experts' weights directly (no submodule call), so ZeRO 3's
-    per-module hooks would not gather them. Marking MoE a leaf gathers all of its parameters, every
-    expert whatever the routing, on every rank at every forward: no rank waits on a gather that
-    another rank skips, and all ranks run the same collectives in the same order."""
+    blues.moe.MoE reads its router's and experts' weights as attributes (no submodule call), so ZeRO 3's
+    per-module hooks do not fetch them; DeepSpeed then gathers each one on first access (ZeROOrderedDict)
+    in code order. Marking MoE a leaf module gathers all of its parameters, every expert whatever the
+    routing, on every rank before the layer runs (and again for its backward): the same collectives in
+    the same order on all ranks, whatever each rank's tokens chose, so no rank waits on another."""
     if stage != 3:
         return
     from deepspeed.utils import set_z3_leaf_modules
@@ -229,6 +231,9 @@ def validate(cfg: BluesConfig, ds_config: dict, world_size: int) -> dict:
     """Every check that needs no process group: ValueError naming the field. Returns the resolved DS config."""
     stage = zero_stage(ds_config)
     check_parallelism(cfg, world_size, stage)
+    if cfg.train.dtype == "fp16" and not torch.cuda.is_available():
+        raise ValueError("dtype=fp16 needs a GPU (DeepSpeed's CPU accelerator refuses fp16): use dtype=bf16 or fp32 "
+                         "on CPU")
     if cfg.moe.moe_backend == "deepspeed":
         from blues.moe_deepspeed import check_deepspeed_moe_config
         check_deepspeed_moe_config(cfg)
@@ -270,12 +275,24 @@ def build_engine(cfg: BluesConfig, ds_config: Optional[dict] = None, *, with_dat
 
 
 def _flops_per_token(run: Run) -> int:
-    from blues.model import Blues
-    if run.stage == 3 or run.cfg.moe.moe_backend == "deepspeed":
-        # partitioned or expert-parallel parameters: count on a meta-device copy with the stacked layout
-        with torch.device("meta"):
-            return Blues(run.cfg.replace(moe_backend="torch", ep_size=1)).flops_per_token()
-    return run.model.flops_per_token()
+    """Blues.flops_per_token's formula, counted so that ZeRO 3 partitions (ds_numel) and expert-parallel
+    DeepSpeed experts (E_loc per rank, top_k of E active) give the same figure as the stacked model."""
+    from blues.moe_deepspeed import DS_EXPERT_RE
+    c = run.cfg
+    K, E = c.moe.top_k, c.moe.num_experts
+    E_loc = E // c.train.ep_size
+    n = 0.0
+    for name, p in run.model.named_parameters():
+        numel = getattr(p, "ds_numel", p.numel())
+        if "norm" in name or (name == "tok_emb.weight" and not c.model.tie_embeddings):
+            continue
+        if DS_EXPERT_RE.match(name):
+            n += numel * K / E_loc
+        elif ".experts." in name:
+            n += numel * K // E
+        else:
+            n += numel
+    return int(6 * n + 12 * c.model.n_layer * c.model.n_embd * c.model.block_size)
 
 
 def build_loaders(run: Run) -> None:
@@ -435,14 +452,18 @@ def _blues_state(run: Run) -> dict:
             "config": run.cfg.to_dict(), "tokenizer_sha256": run.tokenizer.sha256 if run.tokenizer else None}
 
 
-def save_checkpoint(run: Run) -> str:
+def _fault_kill_in_save(run: Run) -> Optional[Callable]:
     if os.environ.get("BLUES_FAULT_KILL_IN_SAVE") == str(run.step) and run.dist.rank == 1:
-        # Test-only: die while the other rank is writing this checkpoint.
-        os.kill(os.getpid(), signal.SIGKILL)
+        return lambda: os.kill(os.getpid(), signal.SIGKILL)  # test-only: a rank dies mid-save
+    return None
+
+
+def save_checkpoint(run: Run) -> str:
     meta = {"step": run.step, "tokens_seen": run.tokens_seen, "config": run.cfg.to_dict(),
             "tokenizer_sha256": run.tokenizer.sha256 if run.tokenizer else None,
             "world_size": run.dist.world_size, "zero_stage": run.stage, "time": time.time()}
-    return ckpt.save(run.engine, run.cfg.train.out_dir, run.step, _blues_state(run), meta, run.cfg.train.keep_last)
+    return ckpt.save(run.engine, run.cfg.train.out_dir, run.step, _blues_state(run), meta, run.cfg.train.keep_last,
+                     _before_commit=_fault_kill_in_save(run))
 
 
 def resume(run: Run, where: tuple[str, str]) -> list[str]:
@@ -543,10 +564,13 @@ def train(run: Run, *, progress: Optional[bool] = None, prompt: Optional[str] = 
         bar = tqdm(total=t.max_steps, initial=run.step, desc="train", dynamic_ncols=True, leave=False)
         say = bar.write
     window_tokens, window_seconds = 0, 0.0
+    step_sleep = float(os.environ.get("BLUES_TEST_STEP_SLEEP", "0"))
     last_saved = run.step if run.step else None
     with _Signals(run):
         while run.step < t.max_steps:
             r = train_step(run)
+            if step_sleep:
+                time.sleep(step_sleep)  # test-only: widen the window for signals
             window_tokens += run.tokens_per_step
             window_seconds += r.seconds
             tps = run.tokens_per_step / r.seconds
@@ -614,7 +638,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar (auto: on a tty)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="config overrides key=value (lr=1e-3 max_steps=500 ...)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before and after the options
 
 
 def load_config(args: argparse.Namespace) -> BluesConfig:
