@@ -197,6 +197,7 @@ class Job:
     memory_budget: Optional[str] = None
     headroom: float = 0.9
     target_tokens: Optional[int] = None
+    max_micro_batch: Optional[int] = None
     sbatch_args: list[str] = field(default_factory=list)
     train_args_extra: list[str] = field(default_factory=list)
     command: str = ""
@@ -253,11 +254,13 @@ class Job:
             probe_args += ["--memory_budget", self.memory_budget]
         if self.target_tokens:
             probe_args += ["--target_tokens", str(self.target_tokens)]
+        if self.max_micro_batch:
+            probe_args += ["--max_micro_batch", str(self.max_micro_batch)]
         if self.device == "cpu":
             probe_args += ["--device", "cpu"]
         quoted = " ".join('"$PROBE_DIR"' if a == "$PROBE_DIR" else shlex.quote(a) for a in probe_args)
         over = " ".join(shlex.quote(o) for o in self.overrides)
-        return f"""PROBE_DIR="$OUT_DIR/probe"
+        return f"""PROBE_DIR="$OUT_DIR/probe-$SLURM_JOB_ID"  # a requeued run reuses its job's probe; a new job probes again
 if [ ! -f "$PROBE_DIR/ds_config.json" ]; then
     log "memory probe: largest micro-batch per device on $SLURM_JOB_NUM_NODES node(s)"
     run_step srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\
@@ -362,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory_budget", help="probe: bytes per process (CPU), e.g. 4GB")
     p.add_argument("--headroom", type=float, default=0.9, help="probe: fraction of device memory to use")
     p.add_argument("--target_tokens", type=int, help="probe: global batch in tokens (sets grad_accum)")
+    p.add_argument("--max_micro_batch", type=int, help="probe: the largest micro-batch tried (default 1024)")
     p.add_argument("--out_dir", help="override the config's out_dir (checkpoints, logs, the script)")
     p.add_argument("--sbatch_arg", action="append", default=[], help="extra #SBATCH option, repeatable")
     p.add_argument("--train_arg", action="append", default=[],
@@ -414,7 +418,7 @@ def plan(args: argparse.Namespace, command: str) -> tuple[Job, list[str]]:
               partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task, mem=args.mem,
               signal_seconds=args.signal_seconds, probe=args.probe, memory_budget=args.memory_budget,
               headroom=args.headroom, target_tokens=args.target_tokens, sbatch_args=args.sbatch_arg,
-              train_args_extra=args.train_arg,
+              train_args_extra=args.train_arg, max_micro_batch=args.max_micro_batch,
               command=command)
     if args.out_dir:
         job.overrides.append(f"out_dir={job.out_dir}")

@@ -4,6 +4,7 @@ Each job trains a small model with 2 CPU processes (deepspeed --hostfile --no_ss
 accelerator). State comes from `scontrol show job` (kept for MinJobAge) and the job's own files;
 no accounting database is needed.
 """
+import json
 import os
 import re
 import shutil
@@ -96,12 +97,22 @@ def cancel_leftovers():
         subprocess.run(["scancel", j], capture_output=True)
 
 
-def test_submitted_job_trains_with_two_processes_and_writes_checkpoints(tmp_path, data_dir, cancel_leftovers):
-    job_id, out_dir, log = submit(tmp_path, data_dir, "max_steps=4", "save_interval=2", "eval_interval=4")
+def test_submitted_job_probes_trains_with_two_processes_and_writes_checkpoints(tmp_path, data_dir, cancel_leftovers):
+    # The probe runs first in the job (srun, one blues-probe per node): capped at 2 sequences, and
+    # 256 tokens per step / (2 sequences x 32 tokens x 2 ranks) = 2 micro-steps.
+    job_id, out_dir, log = submit(tmp_path, data_dir, "max_steps=4", "save_interval=2", "eval_interval=4",
+                                  "--probe", "--memory_budget", "8GB", "--max_micro_batch", "2",
+                                  "--target_tokens", "256")
     cancel_leftovers.append(job_id)
     state = wait_for("the job to finish", finished(job_id), 300, job_id, log)
     text = log.read_text()
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", text[-4000:]
+    assert "memory probe: micro_batch_size=2 grad_accum=2" in text
+    run_config = json.loads((out_dir / "run_config.json").read_text())
+    assert run_config["deepspeed"]["train_micro_batch_size_per_gpu"] == 2
+    assert run_config["deepspeed"]["gradient_accumulation_steps"] == 2
+    assert run_config["deepspeed"]["train_batch_size"] == 8
+    assert "512 tokens/step" not in text and "256 tokens/step" in text
     # Two ranks on the allocated node, from the hostfile; the master is the node itself, not 127.0.0.1.
     host = subprocess.run(["scontrol", "show", "hostnames", state["NodeList"]], capture_output=True,
                           text=True).stdout.split()[0]
