@@ -111,7 +111,7 @@ def _moe_row_tile(offsets_ptr, N, E, pid, BLOCK_M: tl.constexpr, BLOCK_SEG: tl.c
 def _moe_grouped_gemm_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, offsets_ptr,
                              N, K, N_OUT, E, gather_div,
                              stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm,
-                             GATHER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                             GATHER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr):
     seg, row0, row_end = _moe_row_tile(offsets_ptr, N, E, tl.program_id(0), BLOCK_M, BLOCK_SEG)
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -132,6 +132,8 @@ def _moe_grouped_gemm_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, offsets_ptr,
             kmask = (k0 + ks) < K
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
@@ -151,7 +153,7 @@ def _moe_grouped_gemm_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, offsets_ptr,
 def _moe_grouped_swiglu_kernel(x_ptr, gather_ptr, wg_ptr, wu_ptr, g_ptr, u_ptr, h_ptr, offsets_ptr,
                                N, D, F, E, gather_div,
                                stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
-                               GATHER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                               GATHER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr):
     seg, row0, row_end = _moe_row_tile(offsets_ptr, N, E, tl.program_id(0), BLOCK_M, BLOCK_SEG)
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -176,6 +178,8 @@ def _moe_grouped_swiglu_kernel(x_ptr, gather_ptr, wg_ptr, wu_ptr, g_ptr, u_ptr, 
             bmask = kmask[:, None] & cmask[None, :]
             bg = tl.load(wg_ptr + w_offs, mask=bmask, other=0.0)
             bu = tl.load(wu_ptr + w_offs, mask=bmask, other=0.0)
+            if UPCAST:
+                a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
             acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
             acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
             x_ptrs += BLOCK_K * stride_xk
@@ -212,7 +216,7 @@ def _swiglu_grads(dh, g, u, out_dtype: tl.constexpr):
 def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, g_ptr, u_ptr, dw_ptr, dw2_ptr, offsets_ptr,
                                 K, N_OUT, gather_div,
                                 stride_am, stride_ak, stride_dcm,
-                                GATHER: tl.constexpr, SWIGLU: tl.constexpr, PRECISION: tl.constexpr,
+                                GATHER: tl.constexpr, SWIGLU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     e = tl.program_id(0)
     kk = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -236,6 +240,8 @@ def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, g_ptr, u_ptr, dw_ptr,
         dmask = rmask[:, None] & nmask[None, :]
         d_offs = rows[:, None].to(tl.int64) * stride_dcm + nn[None, :]
         dc = tl.load(dc_ptr + d_offs, mask=dmask, other=0.0)  # (BR, BN)
+        if UPCAST:
+            a, dc = a.to(tl.float32), dc.to(tl.float32)
         if SWIGLU:
             g = tl.load(g_ptr + d_offs, mask=dmask, other=0.0)
             u = tl.load(u_ptr + d_offs, mask=dmask, other=0.0)
@@ -259,7 +265,7 @@ def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, g_ptr, u_ptr, dw_ptr,
 @triton.jit
 def _moe_grouped_swiglu_bwd_dx_kernel(dh_ptr, g_ptr, u_ptr, wg_ptr, wu_ptr, dx_ptr, offsets_ptr,
                                       N, D, F, E, stride_we, stride_wd, stride_wf,
-                                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                       BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr):
     seg, row0, row_end = _moe_row_tile(offsets_ptr, N, E, tl.program_id(0), BLOCK_M, BLOCK_SEG)
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -281,6 +287,8 @@ def _moe_grouped_swiglu_bwd_dx_kernel(dh_ptr, g_ptr, u_ptr, wg_ptr, wu_ptr, dx_p
             wmask = kmask[:, None] & cmask[None, :]
             bg = tl.load(wg_ptr + w_offs, mask=wmask, other=0.0)  # (BK, BN) = w_gate[e]^T tile
             bu = tl.load(wu_ptr + w_offs, mask=wmask, other=0.0)
+            if UPCAST:
+                bg, bu = bg.to(tl.float32), bu.to(tl.float32)
             dg, du = _swiglu_grads(dh, g, u, bg.dtype)
             acc = tl.dot(dg, bg, acc, input_precision=PRECISION)
             acc = tl.dot(du, bu, acc, input_precision=PRECISION)
@@ -321,9 +329,13 @@ def _gemm_config(kind: str, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products, as torch's fp32 matmul (TF32 off by default).
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_flags(dtype: torch.dtype) -> dict:
+    """PRECISION: fp32 inputs get true fp32 products, as torch's fp32 matmul (TF32 off by default).
+    UPCAST: Triton's CPU interpreter multiplies the raw bits of bf16 operands in tl.dot (it stores
+    bf16 as uint16; triton-lang/triton#11584, closed unfixed), so under the interpreter 16-bit operands
+    are converted to fp32 first: the same exact products and fp32 sums as a tensor-core dot."""
+    upcast = interpret_mode() and dtype != torch.float32
+    return dict(PRECISION="ieee" if dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
 
 
 def _row_tiles(N: int, E: int, block_m: int) -> int:
@@ -346,7 +358,7 @@ def _grouped_gemm(a, expert_offsets, b, n_out_rows, K, N_OUT, E, *, gather=None,
         a, gather if gather is not None else expert_offsets, b, c, expert_offsets,
         n_out_rows, K, N_OUT, E, gather_div,
         a.stride(0), a.stride(1), sbe, sbk, sbn, c.stride(0),
-        GATHER=gather is not None, PRECISION=_precision(a.dtype), BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
+        GATHER=gather is not None, **_dot_flags(a.dtype), BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
     return c
 
 
@@ -363,7 +375,7 @@ def _grouped_dw(a, expert_offsets, dc, E, K, N_OUT, *, gather=None, gather_div=1
         a, gather if gather is not None else expert_offsets, dc, g if swiglu else dc, u if swiglu else dc,
         dw, dw2 if swiglu else dw, expert_offsets, K, N_OUT, gather_div,
         a.stride(0), a.stride(1), dc.stride(0),
-        GATHER=gather is not None, SWIGLU=swiglu, PRECISION=_precision(a.dtype),
+        GATHER=gather is not None, SWIGLU=swiglu, **_dot_flags(a.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dw, dw2
@@ -407,7 +419,7 @@ class _MoEGroupedSwiGLU(torch.autograd.Function):
                 x, sorted_slots if sorted_slots is not None else expert_offsets, w_gate, w_up, g, u, h,
                 expert_offsets, N, D, Fh, E, top_k, x.stride(0), x.stride(1),
                 w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
-                GATHER=sorted_slots is not None, PRECISION=_precision(x.dtype),
+                GATHER=sorted_slots is not None, **_dot_flags(x.dtype),
                 BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
         ctx.save_for_backward(x, expert_offsets, w_gate, w_up, sorted_slots, g, u)
         ctx.top_k = top_k
@@ -428,7 +440,7 @@ class _MoEGroupedSwiGLU(torch.autograd.Function):
                 runnable(_moe_grouped_swiglu_bwd_dx_kernel)[grid](
                     dh, g, u, w_gate, w_up, dx_rows, expert_offsets, N, D, Fh, E,
                     w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
-                    PRECISION=_precision(x.dtype), BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
+                    **_dot_flags(x.dtype), BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
             if sorted_slots is not None:
                 # The gather's backward: each token sums its K rows, through the inverse (no atomics).
                 dx = _combine(dx_rows, _inverse_of(sorted_slots), None, x.shape[0], ctx.top_k, x.dtype)

@@ -1,0 +1,248 @@
+"""moe_grouped_gemm and moe_grouped_swiglu: the Triton kernels (run by Triton's CPU interpreter)
+against their references, outputs and every gradient; the whole routed expert computation composed
+from the Triton ops against the same composition of references; and the sm_90 build of every launch.
+
+The interpreter pays per program, so the cases keep row counts small while still covering every
+listed size: T in {1, 7, 128, 1000}, E in {1, 2, 7, 8, 64}, K in {1, 2, E}, widths that are not
+powers of two, an expert with no row, every row on one expert, dropped rows.
+"""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from blues.kernels.moe_grouped_gemm import (_row_tiles, moe_grouped_gemm, moe_grouped_gemm_ref,  # noqa: E402
+                                            moe_grouped_swiglu, moe_grouped_swiglu_ref)
+from blues.kernels.moe_permute import (moe_permute_indices, moe_permute_indices_ref, moe_unpermute_combine,  # noqa: E402
+                                       moe_unpermute_combine_ref)
+from blues.kernels.moe_route import moe_route, moe_route_ref  # noqa: E402
+from blues.kernels.triton_utils import compile_for_gpu, cubin_resource_usage, record_launches  # noqa: E402
+
+# fp32: the kernels multiply in true fp32 (input_precision="ieee") and differ from torch only in the
+# order of the sums. bf16: the kernels round their outputs (and the SwiGLU gradients feeding a GEMM)
+# to bf16, 8 bits of mantissa, one ulp = 2^-7 relative to the largest values; they are compared with
+# the fp32 reference on the same bf16 inputs, elementwise within 2% plus 2% of the tensor's largest
+# magnitude (a few ulps; sums of 100+ products make near-zero entries meaningless in relative terms).
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _routing(T, E, K, kind, gen):
+    """(T, K) distinct expert ids per token; kind: random | one_expert | empty_expert | dropped."""
+    def distinct(n_experts, k):
+        return torch.argsort(torch.rand(T, n_experts, generator=gen), dim=1)[:, :k]
+
+    if kind == "one_expert":
+        return torch.cat([torch.full((T, 1), E - 1), distinct(E - 1, K - 1)], dim=1)
+    if kind == "empty_expert":
+        return distinct(E - 1, K) + 1
+    ids = distinct(E, K)
+    if kind == "dropped":
+        ids = torch.where(torch.rand(T, K, generator=gen) < 0.2, torch.full_like(ids, E), ids)
+    return ids
+
+
+def _assert_close(a, b, dtype, name):
+    tol = dict(TOL[dtype])
+    if dtype == torch.bfloat16:
+        tol["atol"] *= max(1.0, b.detach().abs().max().item())
+    torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"{name}: {m}")
+
+
+GEMM_CASES = [
+    # (T, E, K, D_in, D_out, kind, dtype), and why
+    pytest.param(1, 1, 1, 16, 24, "random", torch.float32, id="T1-E1-K1: one row, one expert"),
+    pytest.param(7, 2, 2, 40, 72, "random", torch.float32, id="T7-E2-K2: K=E, widths not powers of two"),
+    pytest.param(128, 7, 2, 40, 33, "dropped", torch.float32, id="T128-E7-K2: prime E, dropped rows are zero"),
+    pytest.param(7, 64, 8, 24, 16, "random", torch.bfloat16, id="T7-E64-K8: most experts empty, bf16"),
+    pytest.param(128, 8, 8, 48, 40, "one_expert", torch.bfloat16, id="T128-E8-K8: K=E, all tokens on expert 7, bf16"),
+]
+
+
+@pytest.mark.parametrize("T,E,K,D_in,D_out,kind,dtype", GEMM_CASES)
+def test_moe_grouped_gemm_matches_ref(T, E, K, D_in, D_out, kind, dtype):
+    gen = torch.Generator().manual_seed(T * 7 + E)
+    _, offsets, _ = moe_permute_indices_ref(_routing(T, E, K, kind, gen), E)
+    N = T * K
+    x = torch.randn(N, D_in, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(E, D_in, D_out, generator=gen) / D_in ** 0.5).to(dtype).requires_grad_()
+    out = moe_grouped_gemm(x, offsets, w)
+    assert out.dtype == dtype and out.shape == (N, D_out)
+    ref = moe_grouped_gemm_ref(x.float(), offsets, w.float())
+    _assert_close(out, ref, dtype, "out")
+    assert torch.all(out[int(offsets[-1]):] == 0), "dropped rows must be zero"
+    g = torch.randn(N, D_out, generator=gen).to(dtype)
+    dx, dw = torch.autograd.grad(out, (x, w), g)
+    dx_ref, dw_ref = torch.autograd.grad(ref, (x, w), g.float())
+    assert dx.dtype == dw.dtype == dtype
+    _assert_close(dx, dx_ref, dtype, "dx")
+    _assert_close(dw, dw_ref, dtype, "dw")
+
+
+SWIGLU_CASES = [
+    # (T, E, K, D, F, kind, gather, dtype), and why
+    pytest.param(7, 2, 2, 40, 72, "random", True, torch.float32, id="T7-E2-K2: gather fused, non-pow2 widths"),
+    pytest.param(100, 7, 1, 33, 40, "empty_expert", False, torch.float32, id="T100-E7-K1: prime E, an empty expert"),
+    pytest.param(128, 8, 8, 48, 40, "one_expert", True, torch.bfloat16, id="T128-E8-K8: K=E, skewed, gather, bf16"),
+    pytest.param(1, 1, 1, 16, 16, "random", True, torch.bfloat16, id="T1-E1-K1: one token, bf16"),
+    pytest.param(1000, 64, 1, 24, 16, "dropped", True, torch.float32, id="T1000-E64-K1: many tiles, drops",
+                 marks=pytest.mark.slow),
+    pytest.param(1000, 8, 2, 40, 24, "random", False, torch.bfloat16, id="T1000-E8-K2: Mixtral-like, bf16",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("T,E,K,D,Fh,kind,gather,dtype", SWIGLU_CASES)
+def test_moe_grouped_swiglu_matches_ref(T, E, K, D, Fh, kind, gather, dtype):
+    gen = torch.Generator().manual_seed(T * 7 + E + D)
+    sorted_slots, offsets, _ = moe_permute_indices_ref(_routing(T, E, K, kind, gen), E)
+    N = T * K
+    x = torch.randn(T if gather else N, D, generator=gen).to(dtype).requires_grad_()
+    wg = (torch.randn(E, D, Fh, generator=gen) / D ** 0.5).to(dtype).requires_grad_()
+    wu = (torch.randn(E, D, Fh, generator=gen) / D ** 0.5).to(dtype).requires_grad_()
+    ss = sorted_slots if gather else None
+    h = moe_grouped_swiglu(x, offsets, wg, wu, ss, K)
+    assert h.dtype == dtype and h.shape == (N, Fh)
+    ref = moe_grouped_swiglu_ref(x.float(), offsets, wg.float(), wu.float(), ss, K)
+    _assert_close(h, ref, dtype, "h")
+    assert torch.all(h[int(offsets[-1]):] == 0), "dropped rows must be zero"
+    g = torch.randn(N, Fh, generator=gen).to(dtype)
+    grads = torch.autograd.grad(h, (x, wg, wu), g)
+    grads_ref = torch.autograd.grad(ref, (x, wg, wu), g.float())
+    for name, a, b in zip(("dx", "dw_gate", "dw_up"), grads, grads_ref):
+        assert a.dtype == dtype
+        _assert_close(a, b, dtype, name)
+
+
+def test_grouped_gemm_ref_is_a_per_row_matmul():
+    # The reference itself: each row times its expert's matrix, zero past expert_offsets[E].
+    E, D_in, D_out = 3, 5, 4
+    offsets = torch.tensor([0, 2, 2, 6])  # expert 1 empty, rows 6..7 dropped
+    x, w = torch.randn(8, D_in), torch.randn(E, D_in, D_out)
+    expert = [0, 0, 2, 2, 2, 2]
+    expect = torch.stack([x[r] @ w[expert[r]] for r in range(6)] + [torch.zeros(D_out)] * 2)
+    torch.testing.assert_close(moe_grouped_gemm_ref(x, offsets, w), expect)
+    h = moe_grouped_swiglu_ref(x, offsets, w, w)
+    torch.testing.assert_close(h, F.silu(expect) * expect)
+
+
+def test_row_tile_bound():
+    # The grid's upper bound on row tiles holds for any split of N rows into E+1 segments, at the
+    # extremes too (every segment one row; one segment all rows); tight for the first.
+    rng = random.Random(0)
+    for _ in range(2000):
+        E, BM = rng.randint(1, 130), rng.choice([16, 32, 64, 128])
+        cuts = sorted(rng.randint(0, 500) for _ in range(E))
+        N = rng.randint(cuts[-1], cuts[-1] + 300)
+        sizes = [b - a for a, b in zip([0] + cuts, cuts + [N])]
+        assert sum(-(-n // BM) for n in sizes) <= _row_tiles(N, E, BM)
+    assert _row_tiles(8, 7, 64) == 8  # 8 segments of one row: 8 tiles, and the bound is 8
+    assert _row_tiles(1000, 63, 128) == 8 + 63
+
+
+def test_errors_name_the_value():
+    x, offsets = torch.randn(4, 8), torch.tensor([0, 2, 4])
+    with pytest.raises(ValueError, match=r"weights must be \(E, D_in=8, D_out\)"):
+        moe_grouped_gemm(x, offsets, torch.randn(2, 6, 3))
+    with pytest.raises(ValueError, match=r"must share a dtype"):
+        moe_grouped_gemm(x, offsets, torch.randn(2, 8, 3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"expert_offsets must have E\+1=3 entries"):
+        moe_grouped_swiglu(x, torch.tensor([0, 4]), torch.randn(2, 8, 3), torch.randn(2, 8, 3))
+
+
+def _expert_layer(ops, x, logits, wg, wu, wd, K, capacity=None):
+    """The routed SwiGLU experts as blues/moe.py composes them, from one family of ops."""
+    route, indices, swiglu, gemm, combine = ops
+    r = route(logits, K)
+    ids, weights = r.topk_ids, r.topk_weights
+    if capacity is not None:  # drop assignments past each expert's capacity (by token order)
+        onehot = F.one_hot(ids.reshape(-1), wg.shape[0])
+        pos = ((onehot.cumsum(0) - 1) * onehot).sum(-1).view_as(ids)
+        keep = pos < capacity
+        ids = torch.where(keep, ids, wg.shape[0])
+        weights = weights * keep
+    sorted_slots, offsets, inverse = indices(ids, wg.shape[0])
+    h = swiglu(x, offsets, wg, wu, sorted_slots, K)
+    y = gemm(h, offsets, wd)
+    return combine(y, inverse, weights)
+
+
+TRITON_OPS = (moe_route, moe_permute_indices, moe_grouped_swiglu, moe_grouped_gemm, moe_unpermute_combine)
+REF_OPS = (moe_route_ref, moe_permute_indices_ref, moe_grouped_swiglu_ref, moe_grouped_gemm_ref,
+           moe_unpermute_combine_ref)
+
+
+@pytest.mark.parametrize("T,E,K,D,Fh,capacity", [
+    pytest.param(64, 8, 2, 40, 56, None, id="T64-E8-K2: no drops"),
+    pytest.param(64, 7, 2, 24, 40, 12, id="T64-E7-K2: capacity 12 drops assignments"),
+])
+def test_expert_layer_triton_equals_torch(T, E, K, D, Fh, capacity):
+    # route -> permute indices -> gate/up SwiGLU (gather fused) -> down -> weighted combine, Triton
+    # against the references: output and the gradients of x, router logits and all expert weights.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(T, D, generator=gen, requires_grad=True)
+    logits = torch.randn(T, E, generator=gen, requires_grad=True)
+    wg = (torch.randn(E, D, Fh, generator=gen) / D ** 0.5).requires_grad_()
+    wu = (torch.randn(E, D, Fh, generator=gen) / D ** 0.5).requires_grad_()
+    wd = (torch.randn(E, Fh, D, generator=gen) / Fh ** 0.5).requires_grad_()
+    out = _expert_layer(TRITON_OPS, x, logits, wg, wu, wd, K, capacity)
+    ref = _expert_layer(REF_OPS, x, logits, wg, wu, wd, K, capacity)
+    _assert_close(out, ref, torch.float32, "out")
+    g = torch.randn(T, D, generator=gen)
+    params = (x, logits, wg, wu, wd)
+    for name, a, b in zip(("x", "logits", "w_gate", "w_up", "w_down"), torch.autograd.grad(out, params, g),
+                          torch.autograd.grad(ref, params, g)):
+        _assert_close(a, b, torch.float32, f"d{name}")
+
+
+def test_grouped_gemm_no_host_sync(monkeypatch):
+    # The tile schedule is computed on the device: no .item()/.tolist()/bool() on the Triton path.
+    gen = torch.Generator().manual_seed(0)
+    ss, offsets, _ = moe_permute_indices_ref(_routing(20, 4, 2, "dropped", gen), 4)
+    x = torch.randn(20, 16, requires_grad=True)
+    wg, wu, wd = (torch.randn(4, 16, 16, requires_grad=True) for _ in range(3))
+    for name in ("item", "tolist", "__bool__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, _forbidden(name))
+    y = moe_grouped_gemm(moe_grouped_swiglu(x, offsets, wg, wu, ss, 2), offsets, wd)
+    y.sum().backward()
+    monkeypatch.undo()
+    assert x.grad is not None and wd.grad is not None
+
+
+def _forbidden(name):
+    def fail(*_a, **_k):
+        raise AssertionError(f"host synchronisation: Tensor.{name} called on the Triton path")
+    return fail
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_build_sm90(monkeypatch, dtype):
+    # Every launch of the grouped GEMM ops, forward and backward, with the GPU tile table, compiles
+    # to an sm_90 (H100) cubin; in bf16 none spills registers. Widths are the S2 benchmark shape's.
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    gen = torch.Generator().manual_seed(0)
+    T, E, K, D, Fh = 64, 16, 4, 1536, 256
+    ss, offsets, _ = moe_permute_indices_ref(_routing(T, E, K, "dropped", gen), E)
+    with record_launches() as rec:
+        x = torch.randn(T, D, dtype=dtype, requires_grad=True)
+        wg, wu = (torch.randn(E, D, Fh, dtype=dtype, requires_grad=True) for _ in range(2))
+        wd = torch.randn(E, Fh, D, dtype=dtype, requires_grad=True)
+        h = moe_grouped_swiglu(x, offsets, wg, wu, ss, K)  # gathered
+        h2 = moe_grouped_swiglu(torch.randn(T * K, D, dtype=dtype, requires_grad=True), offsets, wg, wu)
+        moe_grouped_gemm(h + h2, offsets, wd).float().sum().backward()
+    names = {launch.fn.__name__ for launch in rec}
+    assert {"_moe_grouped_gemm_kernel", "_moe_grouped_swiglu_kernel", "_moe_grouped_gemm_dw_kernel",
+            "_moe_grouped_swiglu_bwd_dx_kernel"} <= names
+    for launch in rec:
+        usage = cubin_resource_usage(compile_for_gpu(launch.fn, launch.args, **launch.options))
+        if dtype == torch.bfloat16:
+            assert usage["STACK"] == 0, (launch.fn.__name__, usage)
+        assert usage["SHARED"] <= 227 * 1024, (launch.fn.__name__, usage)  # H100's per-block limit
