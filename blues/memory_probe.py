@@ -371,8 +371,10 @@ def run_trial(spec: TrialSpec) -> int:
         # The same build as training (ordered apply_* steps, ZeRO, activation checkpointing, expert
         # parallelism), without the corpus: train_steps feeds random tokens.
         run = train.build_engine(cfg, trial_ds_config(load_ds_config(spec.deepspeed_config)), with_data=False)
-        skew = install_router_skew(run.model, spec.router_skew)
-        result["skewed_layers"] = skew.layers
+        if spec.router_skew > 0:
+            result["skewed_layers"] = install_router_skew(run.model, spec.router_skew).layers
+        else:  # router_skew 0: real routing (benchmarks compare against it)
+            result["skewed_layers"] = 0
         steps = train.train_steps(run, TRIAL_STEPS)
         result["loss"] = steps[-1].loss
         if cuda:
@@ -419,6 +421,14 @@ def search(fits: Callable[[int], bool], max_micro_batch: int = DEFAULT_MAX_MICRO
         else:
             hi = mid
     return lo
+
+
+def search_linear(fits: Callable[[int], bool], max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH) -> int:
+    """Try 1, 2, 3, ... until the first miss: the true maximum (benchmarks check `search` against it)."""
+    b = 0
+    while b < max_micro_batch and fits(b + 1):
+        b += 1
+    return b
 
 
 def own_answer(trials: list[dict], rank: int) -> int:
@@ -571,7 +581,7 @@ class Coordinator:
               + "  ".join(cells) + (f"  estimate {est}" if est else ""), flush=True)
 
     def run(self) -> int:
-        answer = search(self.fits, self.args.max_micro_batch)
+        answer = (search_linear if self.args.search == "linear" else search)(self.fits, self.args.max_micro_batch)
         mine = own_answer(self.trials, self.rank)
         self.store.set(f"answer/r{self.rank}", str(mine))
         keys = [f"answer/r{r}" for r in range(self.world)]
@@ -622,6 +632,7 @@ class Coordinator:
             "limits_by_rank": [r["limit"] for r in chosen["ranks"]],
             "budget": args.memory_budget,
             "router_skew": args.router_skew,
+            "search": args.search,
             "answers_by_rank": answers,
             "agreed_by_rank": agreed_by_rank,
             "capped_at_max_micro_batch": answer >= args.max_micro_batch,
@@ -675,7 +686,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headroom", type=float, default=0.9, help="fraction of the budget a trial may use")
     p.add_argument("--target_tokens", type=int, help="global batch in tokens (default: the config's)")
     p.add_argument("--router_skew", type=float, default=1.0,
-                   help="fraction of tokens forced onto the fewest experts the capacity allows (1 = all)")
+                   help="fraction of tokens forced onto the fewest experts the capacity allows (1 = all, "
+                        "0 = real routing)")
+    p.add_argument("--search", choices=("bisect", "linear"), default="bisect",
+                   help="bisect: growth 1, 2, 4, ... then binary search; linear: every size from 1 (the true "
+                        "maximum, slow; for benchmarks)")
     p.add_argument("--max_micro_batch", type=int, default=DEFAULT_MAX_MICRO_BATCH)
     p.add_argument("--trial_timeout", type=int, default=900, help="seconds before a trial counts as failed")
     p.add_argument("--out_dir", help="where report.json and ds_config.json go (default: <out_dir>/probe)")
@@ -696,8 +711,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--node_rank {args.node_rank} is invalid: expected 0 .. {args.nnodes - 1}")
     if not 0 < args.headroom <= 1:
         raise ValueError(f"--headroom {args.headroom} is invalid: expected a fraction in (0, 1]")
-    if not 0 < args.router_skew <= 1:
-        raise ValueError(f"--router_skew {args.router_skew} is invalid: expected a fraction in (0, 1]")
+    if not 0 <= args.router_skew <= 1:
+        raise ValueError(f"--router_skew {args.router_skew} is invalid: expected a fraction in [0, 1]")
     if args.target_tokens is not None and args.target_tokens < 1:
         raise ValueError(f"--target_tokens {args.target_tokens} is invalid: expected a positive integer")
     # The config first: it needs no torch (a second to import), and it is where most mistakes are.
@@ -741,7 +756,7 @@ def coordinator_argv(args: argparse.Namespace) -> list[str]:
     """The resolved arguments, for the coordinators: every rank sees the same choices."""
     out = []
     for name in ("config", "preset", "deepspeed_config", "nproc_per_node", "nnodes", "node_rank", "master_addr", "device",
-                 "memory_budget", "headroom", "target_tokens", "router_skew", "max_micro_batch", "trial_timeout",
+                 "memory_budget", "headroom", "target_tokens", "router_skew", "search", "max_micro_batch", "trial_timeout",
                  "out_dir"):
         value = getattr(args, name)
         if value is not None:

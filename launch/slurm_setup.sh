@@ -1,4 +1,4 @@
-# Run as root: bash launch/slurm_setup.sh
+# bash launch/slurm_setup.sh   (as root)
 # Starts a one-node Slurm cluster on this machine (Debian's slurm-wlm 22.05 and munge) for the
 # Slurm tests. Idempotent: installs the packages if missing, (re)writes /etc/slurm/slurm.conf only
 # when it would change, starts munged/slurmctld/slurmd only when they are not running, and waits

@@ -67,6 +67,14 @@ def test_search_finds_the_largest_fit_and_tries_the_next_one(largest, cap):
 
 def test_search_returns_zero_when_one_sequence_does_not_fit():
     assert mp.search(lambda b: False) == 0
+    assert mp.search_linear(lambda b: False) == 0
+
+
+@pytest.mark.parametrize("largest", [1, 6, 17])
+def test_linear_search_tries_every_size_up_to_the_first_miss(largest):
+    tried = []
+    assert mp.search_linear(lambda b: tried.append(b) or b <= largest, 1024) == largest
+    assert tried == list(range(1, largest + 2))
 
 
 def test_own_answer_stops_at_the_first_miss_and_min_is_the_global_answer():
@@ -207,6 +215,7 @@ def run_probe(args, timeout=600):
     (["--memory_budget", "lots"], "memory budget 'lots' is not a size"),
     (["--memory_budget", "1GB,2GB,3GB", "--nproc_per_node", "2"], "lists 3 budgets for a world size of 2"),
     (["--router_skew", "2"], "--router_skew 2.0 is invalid"),
+    (["--search", "random"], "argument --search: invalid choice: 'random'"),
     (["--device", "cuda"], "no CUDA device is visible"),
     (["--nproc_per_node", "2", "moe_backend=deepspeed", "ep_size=4", "num_experts=8"],
      "ep_size=4 does not divide the probe's world size 2"),
@@ -285,3 +294,22 @@ def test_probe_budget_binds_and_ranks_agree_on_the_smaller_answer(calibration, t
     assert report["agreed_by_rank"] == [1, 1]  # every rank took the minimum
     ds = json.loads((tmp_path / "ds_config.json").read_text())
     assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["gradient_accumulation_steps"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_train_sh_probes_then_launches_deepspeed_with_two_cpu_processes(tmp_path):
+    """launch/train.sh: the probe, then `deepspeed --num_gpus 2` with the probed config and batch fields."""
+    out = tmp_path / "out"
+    cmd = ["bash", str(REPO / "launch" / "train.sh"), "--num_gpus", "2", "--deepspeed_config", ZERO2,
+           "--memory_budget", "8GB", "--max_micro_batch", "1", "--target_tokens", "128", "--no_export",
+           "n_embd=64", "n_layer=1", "n_head=4", "num_kv_heads=1", "block_size=32", "max_steps=2",
+           "eval_interval=2", "eval_steps=1", "log_interval=1", f"out_dir={out}", f"data_dir={tmp_path / 'data'}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    # 128 tokens / (1 sequence x 32 tokens x 2 ranks) = 2 micro-steps
+    assert "training with micro_batch_size=1 grad_accum=2" in r.stdout
+    assert "rank 0/2:" in r.stdout and "rank 1/2:" in r.stdout and "step 2/2" in r.stdout
+    ds = json.loads((out / "run_config.json").read_text())["deepspeed"]
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 2, 4)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
