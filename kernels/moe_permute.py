@@ -61,15 +61,72 @@ def moe_permute_indices_ref(topk_ids: torch.Tensor, num_experts: int) -> Permute
     return PermuteIndices(sorted_slots, expert_offsets, inverse)
 
 
+class _PermuteRef(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, sorted_slots, top_k):
+        ctx.save_for_backward(sorted_slots)
+        ctx.shape = (x.shape[0], top_k)
+        return x.index_select(0, torch.div(sorted_slots, top_k, rounding_mode="floor"))  # (S, D)
+
+    @staticmethod
+    def backward(ctx, g):
+        (sorted_slots,) = ctx.saved_tensors
+        T, K = ctx.shape
+        return _gather_sum(g, _inverse_ref(sorted_slots), T, K), None, None
+
+
+def _inverse_ref(sorted_slots: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(sorted_slots)
+    inverse[sorted_slots] = torch.arange(sorted_slots.numel(), device=sorted_slots.device)
+    return inverse
+
+
+def _gather_sum(rows: torch.Tensor, inverse: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    """out[t] = sum_k rows[inverse[t*K + k]]: a gather and a sum, deterministic (index_add_'s scatter
+    is slower on CPU and, on CUDA, atomic)."""
+    return rows.index_select(0, inverse).view(T, K, -1).sum(dim=1)
+
+
 def moe_permute_ref(x: torch.Tensor, sorted_slots: torch.Tensor, top_k: int) -> torch.Tensor:
-    return x.index_select(0, torch.div(sorted_slots, top_k, rounding_mode="floor"))  # (S, D)
+    """Row p = x[sorted_slots[p] // top_k]. Autograd would give the same from
+    x.index_select(0, sorted_slots // top_k), with a scatter-add (index_add_) for the backward."""
+    return _PermuteRef.apply(x, sorted_slots, top_k)
+
+
+class _UnpermuteCombineRef(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, y, inverse, topk_weights):
+        T, K = topk_weights.shape
+        acc = torch.promote_types(y.dtype, torch.float32)  # fp32 for 16-bit y, fp64 stays fp64
+        w = topk_weights.to(acc)
+        rows = y.index_select(0, inverse).view(T, K, -1)  # (T, K, D)
+        out = torch.bmm(w.unsqueeze(1), rows.to(acc)).squeeze(1)  # (T, D)
+        ctx.save_for_backward(y, inverse, w)
+        ctx.w_dtype = topk_weights.dtype
+        return out.to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, inverse, w = ctx.saved_tensors
+        T, K = w.shape
+        dy = dw = None
+        if ctx.needs_input_grad[0]:
+            # dy[inverse[t*K+k]] = w[t, k] * g[t]: a scatter through a permutation (no accumulation)
+            d_rows = (w.unsqueeze(2) * g.to(w.dtype).unsqueeze(1)).to(y.dtype)  # (T, K, D)
+            dy = torch.empty_like(y).index_copy_(0, inverse, d_rows.view(T * K, -1))
+        if ctx.needs_input_grad[2]:
+            rows = y.index_select(0, inverse).view(T, K, -1)  # (T, K, D)
+            dw = torch.bmm(rows.to(w.dtype), g.to(w.dtype).unsqueeze(2)).squeeze(2).to(ctx.w_dtype)  # (T, K)
+        return dy, None, dw
 
 
 def moe_unpermute_combine_ref(y: torch.Tensor, inverse: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    T, K = topk_weights.shape
-    rows = y.index_select(0, inverse).view(T, K, -1)  # (T, K, D)
-    out = torch.bmm(topk_weights.float().unsqueeze(1), rows.float()).squeeze(1)  # (T, D) fp32
-    return out.to(y.dtype)
+    """out[t] = sum_k topk_weights[t, k] * y[inverse[t*K + k]] in fp32, returned in y's dtype.
+    Autograd would give the same from torch.bmm(w.unsqueeze(1), y.index_select(0, inverse).view(T, K, D)),
+    with a scatter-add for the backward of the gather."""
+    return _UnpermuteCombineRef.apply(y, inverse, topk_weights)
 
 
 # ----------------------------------------------------------------------------------------------

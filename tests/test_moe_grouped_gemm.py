@@ -133,6 +133,39 @@ def test_grouped_gemm_ref_is_a_per_row_matmul():
     torch.testing.assert_close(h, F.silu(expect) * expect)
 
 
+@pytest.mark.parametrize("gather", [False, True])
+def test_refs_backward_is_autograd_of_the_definition(gather):
+    # The refs write their backward by hand (no cat/stack copies); in float64 it must equal autograd
+    # of the one-line definitions, and torch.autograd.gradcheck (finite differences) must pass.
+    gen = torch.Generator().manual_seed(5)
+    T, E, K, D, Fh = 9, 4, 2, 5, 6
+    ids = _routing(T, E, K, "dropped", gen)
+    ids[0, 0] = 2  # some row for expert 2 whatever the draw
+    ids[:, :] = torch.where(ids == 1, 3, ids)  # expert 1 owns no row
+    ss, offsets, _ = moe_permute_indices_ref(ids, E)
+    dd = dict(dtype=torch.float64)
+    x = torch.randn(T if gather else T * K, D, generator=gen, **dd).requires_grad_()
+    wg, wu = (torch.randn(E, D, Fh, generator=gen, **dd).requires_grad_() for _ in range(2))
+    slots = ss if gather else None
+    torch.autograd.gradcheck(lambda a, b: moe_grouped_gemm_ref(a, offsets, b), (x if not gather else
+                             torch.randn(T * K, D, generator=gen, **dd).requires_grad_(), wg))
+    torch.autograd.gradcheck(lambda a, b, c: moe_grouped_swiglu_ref(a, offsets, b, c, slots, K), (x, wg, wu))
+
+    def by_definition(a, b, c):  # autograd through index_select / split / cat
+        xp = a.index_select(0, ss // K) if gather else a
+        bounds = offsets.tolist()
+        sizes = [bounds[e + 1] - bounds[e] for e in range(E)] + [xp.shape[0] - bounds[E]]
+        parts = xp.split(sizes)
+        gate = torch.cat([p @ we for p, we in zip(parts, b.unbind(0))] + [xp.new_zeros(sizes[E], Fh)])
+        up = torch.cat([p @ we for p, we in zip(parts, c.unbind(0))] + [xp.new_zeros(sizes[E], Fh)])
+        return F.silu(gate) * up
+
+    g = torch.randn(T * K, Fh, generator=gen, **dd)
+    for a, b in zip(torch.autograd.grad(moe_grouped_swiglu_ref(x, offsets, wg, wu, slots, K), (x, wg, wu), g),
+                    torch.autograd.grad(by_definition(x, wg, wu), (x, wg, wu), g)):
+        torch.testing.assert_close(a, b)
+
+
 def test_row_tile_bound():
     # The grid's upper bound on row tiles holds for any split of N rows into E+1 segments, at the
     # extremes too (every segment one row; one segment all rows); tight for the first.

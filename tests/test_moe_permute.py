@@ -112,6 +112,28 @@ def test_moe_permute_and_combine_match_ref(T, E, K, D, kind, dtype):
                                                {"rtol": 2e-2, "atol": 2e-2}))
 
 
+def test_refs_backward_is_autograd_of_the_definition():
+    # The refs write their backward by hand (gathers instead of autograd's scatter-add); in float64
+    # gradcheck (finite differences) must pass, and the gradients equal autograd of the definitions.
+    T, E, K, D = 9, 4, 3, 5
+    ids = _routing(T, E, K, "dropped")
+    ss, _, inv = moe_permute_indices_ref(ids, E)
+    dd = dict(dtype=torch.float64)
+    x = torch.randn(T, D, **dd, requires_grad=True)
+    y = torch.randn(T * K, D, **dd, requires_grad=True)
+    w = torch.rand(T, K, **dd, requires_grad=True)
+    torch.autograd.gradcheck(lambda a: moe_permute_ref(a, ss, K), (x,))
+    torch.autograd.gradcheck(lambda a, b: moe_unpermute_combine_ref(a, inv, b), (y, w))
+    g = torch.randn(T * K, D, **dd)
+    torch.testing.assert_close(torch.autograd.grad(moe_permute_ref(x, ss, K), x, g)[0],
+                               torch.autograd.grad(x.index_select(0, ss // K), x, g)[0])
+    go = torch.randn(T, D, **dd)
+    by_definition = torch.bmm(w.unsqueeze(1), y.index_select(0, inv).view(T, K, D)).squeeze(1)
+    for a, b in zip(torch.autograd.grad(moe_unpermute_combine_ref(y, inv, w), (y, w), go),
+                    torch.autograd.grad(by_definition, (y, w), go)):
+        torch.testing.assert_close(a, b)
+
+
 def test_permute_then_combine_inverts():
     # With unit weights and K=1 the round trip returns x exactly (the permutation inverts).
     x = torch.randn(100, 33)
