@@ -143,7 +143,9 @@ class RouterSkew:
     DeepSpeed backend (blues.moe_deepspeed.DeepSpeedMoE): a forward pre-hook on DeepSpeed's gate
     shifts each forced token's gate input by a vector u with W u = +1 on its target experts and -1
     elsewhere (u from the pseudo-inverse of the router weight W, (E, D) with E <= D), scaled to
-    dominate. Nothing in blues/moe.py changes; `remove()` undoes both.
+    dominate; a forward hook hands the layer's aux/z-loss recomputation the real gate input.
+    Only the choice of experts is forced: the losses keep their training values (so fp16 loss
+    scaling is not thrown off). Nothing in blues/moe.py changes; `remove()` undoes both.
     """
 
     def __init__(self, model, skew: float = 1.0):
@@ -168,8 +170,9 @@ class RouterSkew:
             for layer in model.modules():
                 if isinstance(layer, DeepSpeedMoE):
                     self.layers += 1
-                    self._handles.append(
-                        layer.moe.deepspeed_moe.gate.register_forward_pre_hook(self._gate_pre_hook(layer)))
+                    gate = layer.moe.deepspeed_moe.gate
+                    self._handles.append(gate.register_forward_pre_hook(self._gate_pre_hook(layer)))
+                    self._handles.append(gate.register_forward_hook(self._gate_post_hook(layer)))
 
     def _patch_stacked(self, bm, layer) -> None:
         from types import SimpleNamespace
@@ -179,8 +182,24 @@ class RouterSkew:
             ops = orig(requested, device)
             route = ops.route
 
-            def skewed_route(logits, k, **kw):  # logits (N, E)
-                return route(logits.float() + _forcing_bias(logits, capacity(logits.shape[0]), top_k, skew), k, **kw)
+            def skewed_route(logits, k, *, score_func="softmax", norm_topk_prob=True, selection_bias=None):
+                # logits (N, E). Only the choice of experts is forced; weights, the balancing loss's
+                # score sums and the z-loss's lse come from the real logits, so the loss (and fp16 loss
+                # scaling) behaves as in training.
+                import torch
+                real = route(logits, k, score_func=score_func, norm_topk_prob=norm_topk_prob,
+                             selection_bias=selection_bias)
+                with torch.no_grad():
+                    biased = logits.detach().float() + _forcing_bias(logits, capacity(logits.shape[0]), top_k, skew)
+                    ids = route(biased, k, score_func=score_func, norm_topk_prob=norm_topk_prob,
+                                selection_bias=selection_bias).topk_ids  # (N, K)
+                lf = logits.float()
+                scores = torch.softmax(lf, dim=-1) if score_func == "softmax" else torch.sigmoid(lf)  # (N, E)
+                weights = scores.gather(1, ids)  # (N, K)
+                if norm_topk_prob:
+                    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+                counts = torch.bincount(ids.reshape(-1), minlength=logits.shape[1])
+                return real._replace(topk_ids=ids, topk_weights=weights, counts=counts)
 
             return SimpleNamespace(**{**vars(ops), "route": skewed_route})
 
@@ -202,9 +221,23 @@ class RouterSkew:
                 u = t @ torch.linalg.pinv(W).T  # (N, D): W u_i = t_i
                 scale = 100.0 * (x.detach().float().abs().amax() * W.abs().sum(1).amax() + 1.0)
                 shift = (u * scale * forced.to(x.device).unsqueeze(1)).to(x.dtype)
+            layer._probe_real_gate_input = x
             return (x + shift,) + tuple(args[1:])
 
         return pre_hook
+
+    @staticmethod
+    def _gate_post_hook(layer):
+        def post_hook(module, args, output):
+            # DeepSpeedMoE's own forward hook (registered first, so run first) kept the gate's input to
+            # recompute the aux and z losses; give it the real input, so those stay training's values.
+            seen = getattr(layer, "_gate_seen", None)
+            real = getattr(layer, "_probe_real_gate_input", None)
+            if seen is not None and real is not None:
+                layer._gate_seen = (real,) + tuple(seen[1:])
+            layer._probe_real_gate_input = None
+
+        return post_hook
 
     def remove(self) -> None:
         if self._orig_resolve is not None:

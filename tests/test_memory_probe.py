@@ -123,11 +123,14 @@ def tiny_model(**kw):
 def test_router_skew_sends_every_token_to_the_top_k_experts_and_is_removable():
     model, cfg = tiny_model()
     x = torch.randint(0, cfg.model.vocab_size, (4, 32))
-    real = model(x, x).expert_counts
+    before = model(x, x)
+    real = before.expert_counts
     skew = mp.install_router_skew(model)
     assert skew.layers == 2
     out = model(x, x)
     assert out.expert_counts.tolist() == [[128, 128, 0, 0, 0, 0, 0, 0]] * 2  # N=128 tokens, K=2
+    # Only the choice is forced: the losses keep training's scale (fp16 loss scaling is not thrown off).
+    assert abs(out.loss.item() - before.loss.item()) < 0.5 and out.z_loss.item() < 2 * before.z_loss.item()
     out.loss.backward()  # gradients still flow through the forced routing
     assert model.blocks[0].mlp.router.weight.grad is not None
     skew.remove()
@@ -173,6 +176,7 @@ def test_router_skew_on_deepspeed_moe(tmp_path):
             o = run.model(x, x)
             run.engine.backward(o.loss)
             out[str(cf)] = o.expert_counts.tolist()
+            out[str(cf) + " z"] = o.z_loss.item()
             h.remove()
             out[str(cf) + " removed"] = run.model(x, x).expert_counts.tolist()
         print("RESULT" + json.dumps(out))
@@ -183,6 +187,7 @@ def test_router_skew_on_deepspeed_moe(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT")[1])
     assert res["None"] == [[128, 128, 0, 0, 0, 0, 0, 0]]
+    assert res["None z"] < 100  # the recomputed z-loss sees the real gate input, not the shifted one
     assert res["2.0"] == [[64, 64, 64, 64, 0, 0, 0, 0]]
     assert sum(c > 0 for c in res["None removed"][0]) > 4
 
