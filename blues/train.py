@@ -696,7 +696,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _describe(run: Run) -> None:
     """One line per rank: what it holds (tests read the expert-parameter counts)."""
     from blues.moe_deepspeed import num_local_expert_params
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in run.model.parameters())
+    # under ZeRO 3 a rank holds its partition (ds_tensor) of each parameter
+    n = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in run.model.parameters())
     n_exp = num_local_expert_params(run.model)
     c = run.cfg
     line = (f"rank {run.dist.rank}/{run.dist.world_size}: {n:,} parameters here, {n_exp:,} of them DeepSpeed-expert "
