@@ -17,6 +17,9 @@ setup(
     package_dir={"blues.kernels": "kernels"},
     package_data={"blues": ["assets/*"]},
     include_package_data=True,
+    # launch/ (the sbatch template, shell entry points) for regular, non-editable installs.
+    data_files=[("share/blues/launch", ["launch/blues.sbatch", "launch/train.sh", "launch/slurm_setup.sh",
+                                        "launch/train.py"])],
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

@@ -29,7 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "launch" / "blues.sbatch"
+# In a checkout (or an editable install) the template sits in launch/; a regular install ships
+# launch/ as data files under <prefix>/share/blues/launch (setup.py's data_files).
+TEMPLATE = next((p for p in (Path(__file__).resolve().parent.parent / "launch" / "blues.sbatch",
+                             Path(sys.prefix) / "share" / "blues" / "launch" / "blues.sbatch") if p.is_file()),
+                Path(__file__).resolve().parent.parent / "launch" / "blues.sbatch")
 AUTO = "auto"
 
 
