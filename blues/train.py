@@ -28,8 +28,8 @@ backward). Peak per rank: H100/H200 989 TFLOP/s (bf16/fp16 dense), 495 (tf32); A
 CPU 150 GFLOP/s for the whole machine (fp32 matmul measured on the 2-core build machines) shared
 by the local ranks; override with BLUES_PEAK_FLOPS (per rank).
 
-Test-only fault injection (environment): BLUES_FAULT_NAN_STEPS="3,4" makes rank 0's loss NaN at
-those steps (1-based); BLUES_FAULT_KILL_IN_SAVE=N makes rank 1 SIGKILL itself in the middle of
+Test-only fault injection (environment): BLUES_FAULT_NAN_STEPS="3,4,7.1" makes rank 0's loss NaN at
+those steps (1-based; "7.1": only micro-batch 1 of step 7); BLUES_FAULT_KILL_IN_SAVE=N makes rank 1 SIGKILL itself in the middle of
 writing the step-N checkpoint (after the files, before the commit); BLUES_TEST_STEP_SLEEP=S
 sleeps S seconds after every step (to aim signals).
 """
@@ -343,9 +343,14 @@ def _set_lr(engine, lr: float) -> None:
         g["lr"] = lr
 
 
-def _fault_nan_steps() -> set[int]:
-    raw = os.environ.get("BLUES_FAULT_NAN_STEPS", "")
-    return {int(s) for s in raw.split(",") if s.strip()}
+def _fault_nan(step: int, micro: int) -> bool:
+    """Test-only: BLUES_FAULT_NAN_STEPS="3,7.1" -> every micro-batch of step 3, micro-batch 1 of step 7."""
+    for item in os.environ.get("BLUES_FAULT_NAN_STEPS", "").split(","):
+        if item.strip():
+            s, _, m = item.strip().partition(".")
+            if int(s) == step and (not m or int(m) == micro):
+                return True
+    return False
 
 
 def _random_batch(run: Run):
@@ -360,7 +365,8 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
     A non-finite loss on any rank (agreed by an all-reduce before backward) skips the step: with
     no backward taken yet nothing is applied; if it appears after earlier micro-batches were
     already accumulated, the step goes through DeepSpeed, which drops non-finite gradients under
-    ZeRO 1/2, bf16 and fp16; where it would not (fp32 under ZeRO 0 or 3), training stops."""
+    ZeRO 1/2/3 and with bf16/fp16 (measured: ZeRO 2 and 3 in fp32 skip); where it applies them
+    (fp32 under ZeRO 0) training stops with an error, saving nothing."""
     engine, c, dev = run.engine, run.cfg, run.dist.device
     t0 = time.perf_counter()
     lr = lr_at(run.step, c.train)
@@ -370,13 +376,13 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
     gas = c.train.grad_accum
     E, L = c.moe.num_experts, run.num_moe_layers
     sums = torch.zeros(6 + L * E, dtype=torch.float64)  # loss ce aux z dropped stop | counts
-    nan_here = (run.step + 1) in _fault_nan_steps() and run.dist.rank == 0
     bad_at = None
     for micro in range(gas):
         x, y = get()
         if bad_at == 0:
             continue  # skipped step: consume the data, compute nothing
         out = engine(x.to(dev), y.to(dev))
+        nan_here = run.dist.rank == 0 and _fault_nan(run.step + 1, micro)
         loss = out.loss * float("nan") if nan_here else out.loss
         flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device=dev)
         if _all_reduce(flag, "max").item() > 0 and bad_at is None:

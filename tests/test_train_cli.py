@@ -203,3 +203,29 @@ def test_blues_train_default_path(tmp_path):
     loss = lambda l: float(l.split("| loss ")[1].split()[0])  # noqa: E731
     assert loss(last) < loss(first) - 0.5, (first, last)
     assert "step 20: checkpoint" in out and "step 40: checkpoint" in out
+
+
+# ----------------------------------------------------------------------------- non-finite loss with accumulation
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,expect_exit", [("zero2", 0), ("zero0", 1)])
+def test_nan_after_accumulated_micro_batches(tmp_path, stage, expect_exit):
+    """grad_accum=2, NaN only in micro-batch 1 of step 3 (micro-batch 0 already backpropagated).
+    ZeRO 2 (DeepSpeed drops the non-finite gradients): the step is skipped and training goes on.
+    ZeRO 0 in fp32 (DeepSpeed would apply them): the run stops with one error line, saving nothing."""
+    from blues.data import prepare
+    prepare(cache_dir=str(tmp_path / "data"), progress=False)
+    p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "blues-train"), "--deepspeed_config",
+                        os.path.join(DS_CONFIG_DIR, f"{stage}.json"), "n_embd=32", "n_head=2", "block_size=16",
+                        "micro_batch_size=2", "grad_accum=2", "max_steps=5", "log_interval=1", "eval_interval=100",
+                        "save_interval=100", f"data_dir={tmp_path / 'data'}", f"out_dir={tmp_path / 'out'}",
+                        "--no_export", "--progress", "off"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, BLUES_FAULT_NAN_STEPS="3.1"))
+    out = p.stdout + p.stderr
+    assert p.returncode == expect_exit, out[-3000:]
+    if expect_exit == 0:
+        assert "step 3/5 | SKIPPED: non-finite loss" in out and "step 4/5 | loss" in out
+        assert "step 5/5 | loss" in out
+    else:
+        assert "error: step 3: a non-finite loss appeared after 1 accumulated micro-batches" in out
+        assert not os.path.exists(tmp_path / "out" / "checkpoints" / "latest")
