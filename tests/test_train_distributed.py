@@ -210,12 +210,13 @@ def test_sigusr1_saves_exits_0_and_zero3_resume_is_exact(zero3_reference, tmp_pa
 # ----------------------------------------------------------------------------- failures
 
 def test_rank_killed_mid_save_no_hang_resume_from_last_complete(tmp_path, data_dir):
-    """Launch 1: rank 0's loss is NaN at step 3 (both ranks skip it, no hang); rank 1 SIGKILLs itself
+    """ZeRO 1 with the expert-parallel DeepSpeed MoE (EP=2), so that stage trains and resumes here too.
+    Launch 1: rank 0's loss is NaN at step 3 (both ranks skip it, no hang); rank 1 SIGKILLs itself
     while the step-10 checkpoint is being written (files written, not committed). The launcher exits
     non-zero within 60 s; `latest` still names step 5; step 10 has no completion marker.
     Launch 2: resumes from step 5; NaN at steps 7 and 8 with max_bad_steps=2 stops the run (exit 3)
     without saving, so the step-5 checkpoint stays the latest."""
-    args = ["--deepspeed_config", f"{DS}/zero2.json", *SMALL, f"data_dir={data_dir}", f"out_dir={tmp_path}",
+    args = ["--deepspeed_config", f"{DS}/zero1.json", *SMALL, f"data_dir={data_dir}", f"out_dir={tmp_path}",
             "moe_backend=deepspeed", "ep_size=2", "max_steps=30", "save_interval=5", "eval_interval=100",
             "--no_export"]
     p = start(args, cwd=tmp_path, env={"BLUES_FAULT_NAN_STEPS": "3", "BLUES_FAULT_KILL_IN_SAVE": "10"})
