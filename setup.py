@@ -13,9 +13,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["blues", "blues.*"]) + ["blues.kernels"],
+    packages=find_packages(include=["blues", "blues.*"]) + ["blues.kernels", "blues.assets"],
     package_dir={"blues.kernels": "kernels"},
-    package_data={"blues": ["assets/*"]},
+    package_data={"blues.assets": ["tokenizer.json", "tokenizer.tiktoken"]},
     include_package_data=True,
     # launch/ (the sbatch template, shell entry points) for regular, non-editable installs.
     data_files=[("share/blues/launch", ["launch/blues.sbatch", "launch/train.sh", "launch/slurm_setup.sh",
