@@ -137,15 +137,15 @@ def _forcing_bias(logits, capacity: Optional[int], top_k: int, skew: float):
 class RouterSkew:
     """Forces every MoE layer of a model to route like the worst allowed imbalance.
 
-    Stacked backends (blues.moe.MoE): the MoE layer looks up its ops through
-    blues.moe.resolve_moe_ops on every call; we wrap the returned `route` so the forced tokens'
-    logits get a large bias on their target experts (the selection follows; gradients still flow).
+    Stacked backends (blues.moe.MoE): each layer's `route_override` hook wraps its route op so the
+    forced tokens' logits get a large bias on their target experts (the selection follows;
+    gradients still flow). The hook is per layer: other models in the process are untouched.
     DeepSpeed backend (blues.moe_deepspeed.DeepSpeedMoE): a forward pre-hook on DeepSpeed's gate
     shifts each forced token's gate input by a vector u with W u = +1 on its target experts and -1
     elsewhere (u from the pseudo-inverse of the router weight W, (E, D) with E <= D), scaled to
     dominate; a forward hook hands the layer's aux/z-loss recomputation the real gate input.
     Only the choice of experts is forced: the losses keep their training values (so fp16 loss
-    scaling is not thrown off). Nothing in blues/moe.py changes; `remove()` undoes both.
+    scaling is not thrown off). `remove()` undoes both.
     """
 
     def __init__(self, model, skew: float = 1.0):
@@ -154,14 +154,12 @@ class RouterSkew:
             raise ValueError(f"router_skew={skew!r} is invalid: expected a fraction in (0, 1]")
         self.skew = skew
         self.layers = 0
-        self._bm = bm
-        self._orig_resolve = None
+        self._stacked = []
         self._handles = []
         stacked = [m for m in model.modules() if isinstance(m, bm.MoE)]
         if stacked:
             self.layers += len(stacked)
-            self._orig_resolve = bm.resolve_moe_ops
-            self._patch_stacked(bm, stacked[0])
+            self._patch_stacked(stacked)
         try:
             from blues.moe_deepspeed import DeepSpeedMoE
         except ImportError:  # no deepspeed: no such layers either
@@ -174,15 +172,13 @@ class RouterSkew:
                     self._handles.append(gate.register_forward_pre_hook(self._gate_pre_hook(layer)))
                     self._handles.append(gate.register_forward_hook(self._gate_post_hook(layer)))
 
-    def _patch_stacked(self, bm, layer) -> None:
-        from types import SimpleNamespace
-        orig, top_k, skew, capacity = bm.resolve_moe_ops, layer.cfg.top_k, self.skew, layer.capacity
+    def _patch_stacked(self, layers) -> None:
+        skew = self.skew
 
-        def resolve(requested, device):
-            ops = orig(requested, device)
-            route = ops.route
+        def make_override(layer):
+            top_k, capacity = layer.cfg.top_k, layer.capacity
 
-            def skewed_route(logits, k, *, score_func="softmax", norm_topk_prob=True, selection_bias=None):
+            def skewed_route(route, logits, k, *, score_func="softmax", norm_topk_prob=True, selection_bias=None):
                 # logits (N, E). Only the choice of experts is forced; weights, the balancing loss's
                 # score sums and the z-loss's lse come from the real logits, so the loss (and fp16 loss
                 # scaling) behaves as in training.
@@ -201,9 +197,11 @@ class RouterSkew:
                 counts = torch.bincount(ids.reshape(-1), minlength=logits.shape[1])
                 return real._replace(topk_ids=ids, topk_weights=weights, counts=counts)
 
-            return SimpleNamespace(**{**vars(ops), "route": skewed_route})
+            return skewed_route
 
-        bm.resolve_moe_ops = resolve
+        for layer in layers:
+            layer.route_override = make_override(layer)
+        self._stacked = list(layers)
 
     def _gate_pre_hook(self, layer):
         E, K, cf, skew = layer.num_experts, layer.cfg.top_k, layer.cfg.capacity_factor, self.skew
@@ -240,9 +238,9 @@ class RouterSkew:
         return post_hook
 
     def remove(self) -> None:
-        if self._orig_resolve is not None:
-            self._bm.resolve_moe_ops = self._orig_resolve
-            self._orig_resolve = None
+        for layer in self._stacked:
+            layer.route_override = None
+        self._stacked = []
         for h in self._handles:
             h.remove()
         self._handles = []

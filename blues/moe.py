@@ -11,6 +11,7 @@ Triton backend runs the kernels of the same names (kernels/, installed as blues.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from types import SimpleNamespace
@@ -132,6 +133,10 @@ class MoE(nn.Module):
         # Selection-only bias (DeepSeek-V3 balancing); zero unless a training loop adjusts it.
         self.register_buffer("selection_bias", torch.zeros(m.num_experts), persistent=False)
         self.use_selection_bias = False
+        # Per-layer routing hook: when set, called as route_override(route, logits, top_k, **kw) in
+        # place of route(logits, top_k, **kw). The memory probe forces worst-case routing through it
+        # (blues.memory_probe.RouterSkew); being per layer, it never touches other models.
+        self.route_override = None
 
     def capacity(self, num_tokens: int) -> int | None:
         cf = self.cfg.capacity_factor
@@ -150,8 +155,9 @@ class MoE(nn.Module):
         logits = F.linear(xf.float(), self.router.weight.float())  # (N, E) fp32
         if self.training and m.router_noise_std > 0:
             logits = logits + torch.randn_like(logits) * m.router_noise_std
-        r = ops.route(logits, K, score_func=m.router_score_func, norm_topk_prob=m.norm_topk_prob,
-                      selection_bias=self.selection_bias if self.use_selection_bias else None)
+        route = ops.route if self.route_override is None else functools.partial(self.route_override, ops.route)
+        r = route(logits, K, score_func=m.router_score_func, norm_topk_prob=m.norm_topk_prob,
+                  selection_bias=self.selection_bias if self.use_selection_bias else None)
         aux = load_balancing_loss(r.counts, r.prob_sum, N, K)
         zl = z_loss(r.lse)
 

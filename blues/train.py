@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import socket
 import sys
 import time
@@ -519,6 +520,15 @@ def export_weights(run: Run, directory: str) -> Optional[str]:
 
 # ============================================================================ the loop
 
+_EARLY_SIGNALS: list[str] = []
+
+
+def _note_early_signal(signum, frame) -> None:
+    """Installed first thing in main(): a SIGUSR1/SIGTERM that arrives while the engine is still being
+    built (data preparation, the JIT op build, deepspeed.initialize) is remembered, not lost."""
+    _EARLY_SIGNALS.append(signal.Signals(signum).name)
+
+
 class _Signals:
     """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0."""
 
@@ -528,6 +538,8 @@ class _Signals:
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self.old[sig] = signal.signal(sig, self._handle)
+        if _EARLY_SIGNALS:
+            self.run.stop_signal = _EARLY_SIGNALS[-1]
         return self
 
     def _handle(self, signum, frame):
@@ -659,6 +671,9 @@ def _world_size_from_env() -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, _note_early_signal)
     args = parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("blues-train: %(message)s"))

@@ -138,6 +138,19 @@ def test_router_skew_sends_every_token_to_the_top_k_experts_and_is_removable():
     assert (model(x, x).expert_counts > 0).sum() > 4, "real routing again after remove()"
 
 
+def test_router_skew_touches_only_its_own_model():
+    # The skew is a per-layer hook: a second model in the same process (the next test, say) keeps
+    # its real routing while the first is skewed.
+    skewed, cfg = tiny_model()
+    other, _ = tiny_model()
+    x = torch.randint(0, cfg.model.vocab_size, (4, 32))
+    other.eval()
+    real = other(x).expert_counts
+    mp.install_router_skew(skewed)
+    assert torch.equal(other(x).expert_counts, real)
+    assert (real > 0).sum() > 4
+
+
 def test_router_skew_fills_the_fewest_experts_the_capacity_allows():
     model, cfg = tiny_model(capacity_factor=2.0)  # capacity ceil(2 * 128 * 2 / 8) = 64
     x = torch.randint(0, cfg.model.vocab_size, (4, 32))
