@@ -10,9 +10,10 @@ left out of all of them; its logits are an input (requires_grad, so the routing 
 
 Implementations (--impls):
   blues_triton      blues/moe.py's op sequence on the Triton kernels (CUDA only)
-  blues_triton_fused  the same with moe_grouped_swiglu (gather + gate + up + SwiGLU in one kernel)
+  blues_triton_fused  the same with the fused ops: moe_grouped_swiglu (gather + gate + up + SwiGLU in one
+                    kernel) and moe_grouped_down_combine
   blues_torch       blues/moe.py's op sequence on the torch references: Blues' CPU path
-  blues_torch_fused the same with moe_grouped_swiglu_ref
+  blues_torch_fused the same with moe_grouped_swiglu_ref and moe_grouped_down_combine_ref
   ds_nodrop         deepspeed.moe.layer.MoE, drop_tokens=False: every expert padded to the busiest one
   ds_cf1.0, ds_cf1.25  the same with capacity factor 1.0 / 1.25: DROPS TOKENS (different output)
   naive             a Python loop over experts, each gathering its tokens and adding back its outputs
@@ -126,7 +127,8 @@ def _leaves(p: dict, *names) -> list:
 
 def blues_experts(ops, x, logits, w_gate, w_up, w_down, K, fused: bool):
     """blues.moe.MoE.forward after its router linear (capacity_factor=None, eval: no noise, no dropout).
-    `fused` swaps the gate/up grouped GEMMs and the SwiGLU for one moe_grouped_swiglu with the gather."""
+    `fused`: moe_grouped_swiglu (gather, gate and up projections, SwiGLU) and moe_grouped_down_combine
+    (down projection and weighted combine) instead of the five ops blues/moe.py calls today."""
     E = w_gate.shape[0]
     r = ops.route(logits, K)
     aux = route.load_balancing_loss(r.counts, r.prob_sum, x.shape[0], K)
@@ -134,9 +136,10 @@ def blues_experts(ops, x, logits, w_gate, w_up, w_down, K, fused: bool):
     idx = ops.permute_indices(r.topk_ids, E)
     if fused:
         h = ops.grouped_swiglu(x, idx.expert_offsets, w_gate, w_up, idx.sorted_slots, K)  # (S, F)
-    else:
-        xp = ops.permute(x, idx.sorted_slots, K)  # (S, D)
-        h = F.silu(ops.grouped_gemm(xp, idx.expert_offsets, w_gate)) * ops.grouped_gemm(xp, idx.expert_offsets, w_up)
+        out = ops.grouped_down_combine(h, idx.expert_offsets, w_down, idx.inverse, r.topk_weights)  # (T, D)
+        return out, aux, zl
+    xp = ops.permute(x, idx.sorted_slots, K)  # (S, D)
+    h = F.silu(ops.grouped_gemm(xp, idx.expert_offsets, w_gate)) * ops.grouped_gemm(xp, idx.expert_offsets, w_up)
     y = ops.grouped_gemm(h, idx.expert_offsets, w_down)  # (S, D)
     out = ops.unpermute_combine(y, idx.inverse, r.topk_weights)  # (T, D)
     return out, aux, zl
@@ -151,6 +154,7 @@ class _Ops:
         self.unpermute_combine = getattr(perm, "moe_unpermute_combine" + sfx)
         self.grouped_gemm = getattr(gg, "moe_grouped_gemm" + sfx)
         self.grouped_swiglu = getattr(gg, "moe_grouped_swiglu" + sfx)
+        self.grouped_down_combine = getattr(gg, "moe_grouped_down_combine" + sfx)
 
 
 class BluesImpl(Impl):
@@ -471,31 +475,44 @@ def run(args) -> list:
             fl_fwd, fl_bwd = 6 * T * K * D * Fh, 12 * T * K * D * Fh
             med = {n: {k: statistics.median(s[k] for s in v) for k in ("fwd", "bwd", "fwd_bwd")}
                    for n, v in samples.items()}
-            floor = med.get("floor")
-            print(f"  {'impl':18s} {'fwd ms':>9s} {'bwd ms':>9s} {'f+b ms':>9s} {'TFLOP/s':>8s} {'x floor':>8s} "
-                  f"{'peak MB':>8s}  spread(f+b)")
+            best = {n: {k: min(s[k] for s in v) for k in ("fwd", "bwd", "fwd_bwd")} for n, v in samples.items()}
+
+            def paired(a: str, b: str) -> Optional[float]:
+                """Median over repetitions of time(a) / time(b) within the same repetition."""
+                if a not in samples or b not in samples:
+                    return None
+                return statistics.median(x["fwd_bwd"] / y["fwd_bwd"] for x, y in zip(samples[a], samples[b]))
+
+            print(f"  {'impl':18s} {'fwd ms':>8s} {'bwd ms':>8s} {'f+b ms':>8s} {'min f+b':>8s} {'TFLOP/s':>8s} "
+                  f"{'x floor':>8s} {'(min)':>6s} {'(pair)':>6s} {'peak MB':>8s}")
             for impl in impls:
-                m = med[impl.name]
-                fb = [s["fwd_bwd"] for s in samples[impl.name]]
+                m, bst = med[impl.name], best[impl.name]
                 mem = peak_memory(impl, p["dy"], device) if args.memory else None
                 row = dict(benchmark="moe_layer", impl=impl.name, shape=shape, T=T, D=D, F=Fh, E=E, K=K,
                            dtype=args.dtype, device=device, routing=routing, zipf_s=args.zipf_s if routing == "zipf" else None,
                            busiest_expert=counts.max().item(), fwd_s=m["fwd"], bwd_s=m["bwd"], fwd_bwd_s=m["fwd_bwd"],
+                           min_fwd_s=bst["fwd"], min_bwd_s=bst["bwd"], min_fwd_bwd_s=bst["fwd_bwd"],
+                           max_fwd_bwd_s=max(s["fwd_bwd"] for s in samples[impl.name]),
                            fwd_tflops=fl_fwd / m["fwd"] / 1e12, bwd_tflops=fl_bwd / m["bwd"] / 1e12,
                            fwd_bwd_tflops=(fl_fwd + fl_bwd) / m["fwd_bwd"] / 1e12,
-                           x_floor_fwd_bwd=m["fwd_bwd"] / floor["fwd_bwd"] if floor else None,
-                           peak_bytes=mem, reps=args.reps, warmup=args.warmup,
-                           min_fwd_bwd_s=min(fb), max_fwd_bwd_s=max(fb),
-                           rel_err_vs_blues_torch=errs.get(impl.name),
-                           drops_tokens=impl.name.startswith("ds_cf"))
+                           x_floor_fwd_bwd=m["fwd_bwd"] / med["floor"]["fwd_bwd"] if "floor" in med else None,
+                           x_floor_fwd_bwd_min=bst["fwd_bwd"] / best["floor"]["fwd_bwd"] if "floor" in best else None,
+                           x_floor_fwd_bwd_paired=paired(impl.name, "floor"),
+                           x_ds_nodrop_fwd_bwd_paired=paired("ds_nodrop", impl.name),
+                           peak_bytes=mem, reps=args.reps, warmup=args.warmup, threads=torch.get_num_threads(),
+                           rel_err_vs_blues_torch=errs.get(impl.name), drops_tokens=impl.name.startswith("ds_cf"))
                 rows.append(row)
-                print(f"  {impl.name:18s} {m['fwd'] * 1e3:9.1f} {m['bwd'] * 1e3:9.1f} {m['fwd_bwd'] * 1e3:9.1f} "
-                      f"{row['fwd_bwd_tflops']:8.3f} {row['x_floor_fwd_bwd'] or float('nan'):8.2f} "
-                      f"{(mem or 0) / 1e6:8.1f}  {min(fb) * 1e3:.0f}..{max(fb) * 1e3:.0f}")
+                nan = float("nan")
+                print(f"  {impl.name:18s} {m['fwd'] * 1e3:8.1f} {m['bwd'] * 1e3:8.1f} {m['fwd_bwd'] * 1e3:8.1f} "
+                      f"{bst['fwd_bwd'] * 1e3:8.1f} {row['fwd_bwd_tflops']:8.3f} {row['x_floor_fwd_bwd'] or nan:8.2f} "
+                      f"{row['x_floor_fwd_bwd_min'] or nan:6.2f} {row['x_floor_fwd_bwd_paired'] or nan:6.2f} "
+                      f"{(mem or 0) / 1e6:8.1f}")
             blues_name = "blues_triton" if device == "cuda" else "blues_torch"
             for b in (blues_name, blues_name + "_fused"):
                 if b in med and "ds_nodrop" in med:
-                    print(f"  {b} is {med['ds_nodrop']['fwd_bwd'] / med[b]['fwd_bwd']:.2f}x faster than ds_nodrop (fwd+bwd)")
+                    print(f"  ds_nodrop / {b} (fwd+bwd): median {med['ds_nodrop']['fwd_bwd'] / med[b]['fwd_bwd']:.2f}x, "
+                          f"min {best['ds_nodrop']['fwd_bwd'] / best[b]['fwd_bwd']:.2f}x, "
+                          f"paired {paired('ds_nodrop', b):.2f}x")
             del impls
     return rows
 

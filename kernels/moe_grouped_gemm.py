@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .moe_permute import _combine, _gather_sum, _inverse_of, _inverse_ref
+from .moe_permute import (_combine, _gather_sum, _inverse_of, _inverse_ref, moe_unpermute_combine,
+                          moe_unpermute_combine_ref)
 from .triton_utils import check_triton_inputs, interpret_mode, next_pow2, runnable, tl, triton
 
 
@@ -91,7 +92,7 @@ class _GroupedGemmRef(torch.autograd.Function):
                 torch.mm(dy[a:b], w[e].t(), out=dx[a:b])  # dx_e = dy_e w_e^T
             dx[ctx.dropped:].zero_()
         if ctx.needs_input_grad[2]:
-            dw = torch.zeros_like(w) if len(ctx.blocks) < w.shape[0] else torch.empty_like(w)
+            dw = _empty_except_zero_experts(w, ctx.blocks)
             for e, a, b in ctx.blocks:
                 torch.mm(x[a:b].t(), dy[a:b], out=dw[e])  # dw_e = x_e^T dy_e
         return dx, None, dw
@@ -104,50 +105,69 @@ def moe_grouped_gemm_ref(x: torch.Tensor, expert_offsets: torch.Tensor, w: torch
     return _GroupedGemmRef.apply(x, expert_offsets, w)
 
 
+def _empty_except_zero_experts(w: torch.Tensor, blocks) -> torch.Tensor:
+    """A weight gradient to fill expert by expert: experts that own no row get zeros."""
+    dw = torch.empty_like(w)
+    for e in sorted(set(range(w.shape[0])) - {blk[0] for blk in blocks}):
+        dw[e].zero_()
+    return dw
+
+
 class _GroupedSwiGLURef(torch.autograd.Function):
+    """Expert by expert, so that the gathered rows, silu(g) and the SwiGLU gradients are cache-sized
+    temporaries (see moe_permute.py on why large fresh tensors are what costs on CPU): the forward
+    allocates g, u (kept for the backward) and h; the backward dx, dw_gate, dw_up."""
 
     @staticmethod
     def forward(ctx, x, expert_offsets, w_gate, w_up, sorted_slots, top_k):
-        num_tokens = x.shape[0]
-        if sorted_slots is not None:
-            x = x.index_select(0, torch.div(sorted_slots, top_k, rounding_mode="floor"))  # (S, D) = moe_permute_ref
         blocks, dropped = _expert_rows(expert_offsets)
-        N, Fh = x.shape[0], w_gate.shape[2]
-        g, u = x.new_empty(N, Fh), x.new_empty(N, Fh)
+        token_of_row = None if sorted_slots is None else torch.div(sorted_slots, top_k, rounding_mode="floor")
+        N, Fh = (x.shape[0] if sorted_slots is None else sorted_slots.numel()), w_gate.shape[2]
+        g, u, h = x.new_empty(N, Fh), x.new_empty(N, Fh), x.new_empty(N, Fh)
         for e, a, b in blocks:
-            torch.mm(x[a:b], w_gate[e], out=g[a:b])
-            torch.mm(x[a:b], w_up[e], out=u[a:b])
-        g[dropped:].zero_()
-        u[dropped:].zero_()
-        silu_g = F.silu(g)
-        h = silu_g * u  # (N, F)
-        ctx.save_for_backward(x, w_gate, w_up, g, u, silu_g, sorted_slots)
-        ctx.blocks, ctx.dropped, ctx.num_tokens, ctx.top_k = blocks, dropped, num_tokens, top_k
+            xe = x[a:b] if token_of_row is None else x.index_select(0, token_of_row[a:b])  # (n_e, D)
+            torch.mm(xe, w_gate[e], out=g[a:b])
+            torch.mm(xe, w_up[e], out=u[a:b])
+            torch.mul(F.silu(g[a:b]), u[a:b], out=h[a:b])
+        for t in (g, u, h):
+            t[dropped:].zero_()
+        ctx.save_for_backward(x, w_gate, w_up, g, u, sorted_slots, token_of_row)
+        ctx.blocks, ctx.dropped, ctx.top_k = blocks, dropped, top_k
         return h
 
     @staticmethod
     def backward(ctx, dh):
-        x, w_gate, w_up, g, u, silu_g, sorted_slots = ctx.saved_tensors
-        du = dh * silu_g  # dL/du = dh * silu(g)
-        dg = torch.ops.aten.silu_backward(dh * u, g)  # dL/dg = dh * u * silu'(g)
-        dx = dwg = dwu = None
-        if ctx.needs_input_grad[0]:
-            dxp = torch.empty_like(x)  # (N, D) rows in expert order
-            for e, a, b in ctx.blocks:
-                torch.mm(dg[a:b], w_gate[e].t(), out=dxp[a:b])
-                dxp[a:b].addmm_(du[a:b], w_up[e].t())
-            dxp[ctx.dropped:].zero_()
-            if sorted_slots is None:
-                dx = dxp
-            else:  # the gather's backward: each token sums the gradients of its K rows
-                dx = _gather_sum(dxp, _inverse_ref(sorted_slots), ctx.num_tokens, ctx.top_k)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            full = len(ctx.blocks) == w_gate.shape[0]
-            dwg = torch.empty_like(w_gate) if full else torch.zeros_like(w_gate)
-            dwu = torch.empty_like(w_up) if full else torch.zeros_like(w_up)
-            for e, a, b in ctx.blocks:
-                torch.mm(x[a:b].t(), dg[a:b], out=dwg[e])
-                torch.mm(x[a:b].t(), du[a:b], out=dwu[e])
+        x, w_gate, w_up, g, u, sorted_slots, token_of_row = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        gathered = token_of_row is not None
+        # On CPU a gathered row's gradient is added straight to its token (index_add_ is serial
+        # there); elsewhere it is atomic, so rows go to a buffer that _gather_sum reduces.
+        add_to_tokens = gathered and x.device.type == "cpu"
+        dx = dx_rows = dwg = dwu = None
+        if need_dx:
+            if add_to_tokens:
+                dx = torch.zeros_like(x)
+            else:
+                dx_rows = x.new_empty(g.shape[0], x.shape[1])  # (N, D)
+                dx_rows[ctx.dropped:].zero_()  # dropped rows: no expert, no gradient
+        if need_dw:
+            dwg, dwu = _empty_except_zero_experts(w_gate, ctx.blocks), _empty_except_zero_experts(w_up, ctx.blocks)
+        for e, a, b in ctx.blocks:
+            ge, ue, dhe = g[a:b], u[a:b], dh[a:b]
+            dg = torch.ops.aten.silu_backward(dhe * ue, ge)  # dL/dg = dh * u * silu'(g)
+            du = F.silu(ge).mul_(dhe)  # dL/du = dh * silu(g)
+            if need_dx:
+                if add_to_tokens:
+                    dx.index_add_(0, token_of_row[a:b], torch.mm(dg, w_gate[e].t()).addmm_(du, w_up[e].t()))
+                else:
+                    torch.mm(dg, w_gate[e].t(), out=dx_rows[a:b])
+                    dx_rows[a:b].addmm_(du, w_up[e].t())
+            if need_dw:
+                xe = x[a:b] if not gathered else x.index_select(0, token_of_row[a:b])
+                torch.mm(xe.t(), dg, out=dwg[e])
+                torch.mm(xe.t(), du, out=dwu[e])
+        if need_dx and not add_to_tokens:
+            dx = dx_rows if not gathered else _gather_sum(dx_rows, _inverse_ref(sorted_slots), x.shape[0], ctx.top_k)
         return dx, None, dwg, dwu, None, None
 
 
@@ -158,6 +178,67 @@ def moe_grouped_swiglu_ref(x: torch.Tensor, expert_offsets: torch.Tensor, w_gate
     moe_grouped_gemm_ref(xp, offsets, w_up) with xp = moe_permute_ref(x, sorted_slots, top_k)."""
     _check_gemm_args("moe_grouped_swiglu_ref", x, expert_offsets, w_gate, w_up)
     return _GroupedSwiGLURef.apply(x, expert_offsets, w_gate, w_up, sorted_slots, int(top_k))
+
+
+class _GroupedDownCombineRef(torch.autograd.Function):
+    """On CPU, expert by expert: y_e = h_e @ w_down[e] is a cache-sized temporary, scaled by the
+    routing weights and added to its tokens, so the (S, D) expert output is never stored. The
+    routing weights' gradient <g[t], y[p]> is taken as <g[t] @ w_down[e]^T, h[p]>, which the
+    backward computes anyway (dL/dh[p] = w_p * g[t] @ w_down[e]^T), so y is not recomputed either."""
+
+    @staticmethod
+    def forward(ctx, h, expert_offsets, w_down, inverse, topk_weights):
+        T, K = topk_weights.shape
+        acc = torch.promote_types(h.dtype, torch.float32)
+        w = topk_weights.to(acc)
+        blocks, dropped = _expert_rows(expert_offsets)
+        sorted_slots = _inverse_ref(inverse)
+        token_of_row = torch.div(sorted_slots, K, rounding_mode="floor")  # (S,)
+        w_of_row = w.reshape(-1)[sorted_slots]  # (S,)
+        out = torch.zeros(T, w_down.shape[2], dtype=acc, device=h.device)
+        for e, a, b in blocks:
+            y_e = torch.mm(h[a:b], w_down[e]).to(acc)  # (n_e, D)
+            out.index_add_(0, token_of_row[a:b], y_e.mul_(w_of_row[a:b, None]))
+        ctx.save_for_backward(h, w_down, inverse, token_of_row, w_of_row)
+        ctx.blocks, ctx.dropped, ctx.w_dtype, ctx.TK = blocks, dropped, topk_weights.dtype, (T, K)
+        return out.to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w_down, inverse, token_of_row, w_of_row = ctx.saved_tensors
+        T, K = ctx.TK
+        need_dh, need_dwd, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+        acc = w_of_row.dtype
+        g = g.to(acc)
+        dh = h.new_empty(h.shape) if need_dh else None
+        if need_dh:
+            dh[ctx.dropped:].zero_()
+        dwd = _empty_except_zero_experts(w_down, ctx.blocks) if need_dwd else None
+        dw_of_row = torch.zeros_like(w_of_row) if need_dw else None  # dropped rows: weight 0, gradient 0
+        for e, a, b in ctx.blocks:
+            g_e = g.index_select(0, token_of_row[a:b])  # (n_e, D) each row's token's gradient
+            if need_dh or need_dw:
+                dz = torch.mm(g_e.to(h.dtype), w_down[e].t())  # (n_e, F) = g[t] @ w_down[e]^T
+                if need_dw:  # dL/dw_p = <g[t], h[p] @ w_down[e]> = <dz_p, h[p]>
+                    dw_of_row[a:b] = torch.bmm(dz.to(acc).unsqueeze(1), h[a:b].to(acc).unsqueeze(2)).view(-1)
+                if need_dh:
+                    torch.mul(dz, w_of_row[a:b, None], out=dh[a:b])
+            if need_dwd:  # dL/dw_down[e] = h_e^T (w * g)_e
+                torch.mm(h[a:b].t(), g_e.mul_(w_of_row[a:b, None]).to(h.dtype), out=dwd[e])
+        dw = dw_of_row[inverse].view(T, K).to(ctx.w_dtype) if need_dw else None
+        return dh, None, dwd, None, dw
+
+
+def moe_grouped_down_combine_ref(h: torch.Tensor, expert_offsets: torch.Tensor, w_down: torch.Tensor,
+                                 inverse: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k topk_weights[t, k] * (h[p] @ w_down[e_p]) with p = inverse[t*K + k]: the experts'
+    down projection and the weighted combine in one op. By definition:
+    moe_unpermute_combine_ref(moe_grouped_gemm_ref(h, expert_offsets, w_down), inverse, topk_weights),
+    which is what runs off the CPU."""
+    _check_gemm_args("moe_grouped_down_combine_ref", h, expert_offsets, w_down)
+    if h.device.type != "cpu":
+        return moe_unpermute_combine_ref(moe_grouped_gemm_ref(h, expert_offsets, w_down), inverse, topk_weights)
+    return _GroupedDownCombineRef.apply(h, expert_offsets, w_down, inverse, topk_weights)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,3 +629,13 @@ def moe_grouped_swiglu(x: torch.Tensor, expert_offsets: torch.Tensor, w_gate: to
     _check_gemm_args("moe_grouped_swiglu", x, expert_offsets, w_gate, w_up)
     check_triton_inputs("moe_grouped_swiglu", x, expert_offsets, w_gate, w_up, sorted_slots)
     return _MoEGroupedSwiGLU.apply(x, expert_offsets, w_gate, w_up, sorted_slots, int(top_k))
+
+
+def moe_grouped_down_combine(h: torch.Tensor, expert_offsets: torch.Tensor, w_down: torch.Tensor,
+                             inverse: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Triton launcher with `moe_grouped_down_combine_ref`'s contract. On the GPU it is the two kernels
+    in sequence (grouped GEMM, then the atomic-free gather-sum combine): the combine needs the
+    (S, D) expert output in memory to stay deterministic without atomics."""
+    _check_gemm_args("moe_grouped_down_combine", h, expert_offsets, w_down)
+    check_triton_inputs("moe_grouped_down_combine", h, expert_offsets, w_down, inverse, topk_weights)
+    return moe_unpermute_combine(_MoEGroupedGemm.apply(h, expert_offsets, w_down), inverse, topk_weights)

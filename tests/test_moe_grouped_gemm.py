@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from blues.kernels.moe_grouped_gemm import (_row_tiles, moe_grouped_gemm, moe_grouped_gemm_ref,  # noqa: E402
+from blues.kernels.moe_grouped_gemm import (_row_tiles, moe_grouped_down_combine,  # noqa: E402
+                                            moe_grouped_down_combine_ref, moe_grouped_gemm, moe_grouped_gemm_ref,
                                             moe_grouped_swiglu, moe_grouped_swiglu_ref)
-from blues.kernels.moe_permute import (moe_permute_indices, moe_permute_indices_ref, moe_unpermute_combine,  # noqa: E402
-                                       moe_unpermute_combine_ref)
+from blues.kernels.moe_permute import moe_permute_indices, moe_permute_indices_ref, moe_unpermute_combine_ref  # noqa: E402
 from blues.kernels.moe_route import moe_route, moe_route_ref  # noqa: E402
 from blues.kernels.triton_utils import compile_for_gpu, cubin_resource_usage, record_launches  # noqa: E402
 
@@ -121,6 +121,50 @@ def test_moe_grouped_swiglu_matches_ref(T, E, K, D, Fh, kind, gather, dtype):
         _assert_close(a, b, dtype, name)
 
 
+@pytest.mark.parametrize("T,E,K,Fh,D,kind,dtype", [
+    pytest.param(7, 7, 7, 24, 40, "dropped", torch.float32, id="T7-E7-K7: K=E, prime E, drops"),
+    pytest.param(128, 8, 2, 40, 48, "empty_expert", torch.bfloat16, id="T128-E8-K2: an empty expert, bf16"),
+])
+def test_moe_grouped_down_combine_matches_ref(T, E, K, Fh, D, kind, dtype):
+    # The down projection and the weighted combine as one op: Triton (its two kernels) against the
+    # CPU reference, which never stores the (S, D) expert output.
+    gen = torch.Generator().manual_seed(T + E)
+    ids = _routing(T, E, K, kind, gen)
+    _, offsets, inverse = moe_permute_indices_ref(ids, E)
+    h = torch.randn(T * K, Fh, generator=gen).to(dtype).requires_grad_()
+    wd = (torch.randn(E, Fh, D, generator=gen) / Fh ** 0.5).to(dtype).requires_grad_()
+    w = torch.where(ids == E, 0.0, torch.rand(T, K, generator=gen)).requires_grad_()
+    out = moe_grouped_down_combine(h, offsets, wd, inverse, w)
+    ref = moe_grouped_down_combine_ref(h.float(), offsets, wd.float(), inverse, w)
+    assert out.dtype == dtype and out.shape == (T, D)
+    _assert_close(out, ref, dtype, "out")
+    g = torch.randn(T, D, generator=gen).to(dtype)
+    for name, a, b in zip(("dh", "dw_down", "dweights"), torch.autograd.grad(out, (h, wd, w), g),
+                          torch.autograd.grad(ref, (h, wd, w), g.float())):
+        _assert_close(a, b, dtype, name)
+
+
+def test_down_combine_ref_is_gemm_then_combine():
+    # The fused CPU reference against its definition (grouped GEMM, then combine), in float64 and
+    # with finite differences; rows of dropped assignments and an expert with no row included.
+    gen = torch.Generator().manual_seed(2)
+    T, E, K, Fh, D = 11, 4, 2, 6, 5
+    ids = _routing(T, E, K, "dropped", gen)
+    ids = torch.where(ids == 1, E, ids)  # expert 1 empty
+    _, offsets, inverse = moe_permute_indices_ref(ids, E)
+    dd = dict(dtype=torch.float64)
+    h = torch.randn(T * K, Fh, generator=gen, **dd).requires_grad_()
+    wd = torch.randn(E, Fh, D, generator=gen, **dd).requires_grad_()
+    w = torch.where(ids == E, 0.0, torch.rand(T, K, generator=gen, **dd)).requires_grad_()
+    torch.autograd.gradcheck(lambda a, b, c: moe_grouped_down_combine_ref(a, offsets, b, inverse, c), (h, wd, w))
+    fused = moe_grouped_down_combine_ref(h, offsets, wd, inverse, w)
+    definition = moe_unpermute_combine_ref(moe_grouped_gemm_ref(h, offsets, wd), inverse, w)
+    torch.testing.assert_close(fused, definition)
+    g = torch.randn(T, D, generator=gen, **dd)
+    for a, b in zip(torch.autograd.grad(fused, (h, wd, w), g), torch.autograd.grad(definition, (h, wd, w), g)):
+        torch.testing.assert_close(a, b)
+
+
 def test_grouped_gemm_ref_is_a_per_row_matmul():
     # The reference itself: each row times its expert's matrix, zero past expert_offsets[E].
     E, D_in, D_out = 3, 5, 4
@@ -191,8 +235,8 @@ def test_errors_name_the_value():
 
 
 def _expert_layer(ops, x, logits, wg, wu, wd, K, capacity=None):
-    """The routed SwiGLU experts as blues/moe.py composes them, from one family of ops."""
-    route, indices, swiglu, gemm, combine = ops
+    """The routed SwiGLU experts from one family of ops: gather + gate/up + SwiGLU, then down + combine."""
+    route, indices, swiglu, down_combine = ops
     r = route(logits, K)
     ids, weights = r.topk_ids, r.topk_weights
     if capacity is not None:  # drop assignments past each expert's capacity (by token order)
@@ -203,13 +247,11 @@ def _expert_layer(ops, x, logits, wg, wu, wd, K, capacity=None):
         weights = weights * keep
     sorted_slots, offsets, inverse = indices(ids, wg.shape[0])
     h = swiglu(x, offsets, wg, wu, sorted_slots, K)
-    y = gemm(h, offsets, wd)
-    return combine(y, inverse, weights)
+    return down_combine(h, offsets, wd, inverse, weights)
 
 
-TRITON_OPS = (moe_route, moe_permute_indices, moe_grouped_swiglu, moe_grouped_gemm, moe_unpermute_combine)
-REF_OPS = (moe_route_ref, moe_permute_indices_ref, moe_grouped_swiglu_ref, moe_grouped_gemm_ref,
-           moe_unpermute_combine_ref)
+TRITON_OPS = (moe_route, moe_permute_indices, moe_grouped_swiglu, moe_grouped_down_combine)
+REF_OPS = (moe_route_ref, moe_permute_indices_ref, moe_grouped_swiglu_ref, moe_grouped_down_combine_ref)
 
 
 @pytest.mark.parametrize("T,E,K,D,Fh,capacity", [

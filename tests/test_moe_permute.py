@@ -134,6 +134,22 @@ def test_refs_backward_is_autograd_of_the_definition():
         torch.testing.assert_close(a, b)
 
 
+def test_combine_ref_cpu_blocks_equal_the_definition():
+    # On CPU the reference sums row block by row block (index_add_); over several blocks it equals
+    # the definition (gather each token's K rows, weight, sum), gradients included.
+    from blues.kernels.moe_permute import _CHUNK_ROWS, _combine_definition
+    T, E, K, D = 700, 9, 4, 12
+    assert T * K > 2 * _CHUNK_ROWS
+    ss, _, inv = moe_permute_indices_ref(_routing(T, E, K, "dropped"), E)
+    y = torch.randn(T * K, D, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
+    out, definition = moe_unpermute_combine_ref(y, inv, w), _combine_definition(y, inv, w)
+    torch.testing.assert_close(out, definition)
+    g = torch.randn(T, D, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (y, w), g), torch.autograd.grad(definition, (y, w), g)):
+        torch.testing.assert_close(a, b)
+
+
 def test_permute_then_combine_inverts():
     # With unit weights and K=1 the round trip returns x exactly (the permutation inverts).
     x = torch.randn(100, 33)
