@@ -63,9 +63,25 @@ from _common import machine, write_rows  # noqa: E402
 from blues.kernels import moe_grouped_gemm as gg  # noqa: E402
 from blues.kernels import moe_permute as perm  # noqa: E402
 from blues.kernels import moe_route as route  # noqa: E402
+from blues.kernels.triton_utils import interpret_mode  # noqa: E402
+
+
+def cpu_pressure() -> Optional[float]:
+    """Share of the last 10 s in which some task waited for a CPU (Linux PSI): the other tenants' load."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().split("avg10=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def environment() -> dict:
+    keys = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "TRITON_INTERPRET")
+    return {k: os.environ.get(k) for k in keys if os.environ.get(k) is not None}
 
 SHAPES = {
     # name: (T, D, F, E, K)
+    "tiny": (64, 48, 40, 8, 2),  # smoke test of the script itself (with TRITON_INTERPRET=1 it runs the Triton path)
     "C1": (4096, 512, 1024, 8, 2),  # CPU, Mixtral-like
     "C2": (4096, 512, 256, 64, 8),  # CPU, DeepSeek-like fine-grained experts
     "S1": (16384, 2048, 1024, 64, 8),
@@ -454,9 +470,10 @@ def run(args) -> list:
             counts = p["counts"]
             print(f"\n== {shape} T={T} D={D} F={Fh} E={E} K={K} {args.dtype} {routing}: busiest expert "
                   f"{counts.max().item()} / mean {T * K / E:.0f} assignments (DeepSpeed no-drop pads every expert to it)")
+            pressure_before = cpu_pressure()
             impls = []
             for name in args.impls:
-                if "triton" in name and device != "cuda":
+                if "triton" in name and device != "cuda" and not interpret_mode():
                     print(f"  {name}: skipped (the Triton kernels run on CUDA; on CPU only in the interpreter)")
                     continue
                 if name.startswith("ds_") and (K == 1):
@@ -472,6 +489,8 @@ def run(args) -> list:
             for _ in range(args.reps):
                 for impl in impls:
                     samples[impl.name].append(measure_once(impl, p["dy"], clock))
+            pressure = (pressure_before, cpu_pressure())
+            print(f"  CPU pressure from other processes (PSI avg10, before/after): {pressure[0]} / {pressure[1]} %")
             fl_fwd, fl_bwd = 6 * T * K * D * Fh, 12 * T * K * D * Fh
             med = {n: {k: statistics.median(s[k] for s in v) for k in ("fwd", "bwd", "fwd_bwd")}
                    for n, v in samples.items()}
@@ -500,6 +519,7 @@ def run(args) -> list:
                            x_floor_fwd_bwd_paired=paired(impl.name, "floor"),
                            x_ds_nodrop_fwd_bwd_paired=paired("ds_nodrop", impl.name),
                            peak_bytes=mem, reps=args.reps, warmup=args.warmup, threads=torch.get_num_threads(),
+                           env=environment(), cpu_pressure_pct=pressure,
                            rel_err_vs_blues_torch=errs.get(impl.name), drops_tokens=impl.name.startswith("ds_cf"))
                 rows.append(row)
                 nan = float("nan")
@@ -533,13 +553,15 @@ def main():
     args = ap.parse_args()
     gpu = args.device == "cuda"
     args.shapes = args.shapes or (GPU_SHAPES if gpu else CPU_SHAPES)
-    args.impls = args.impls or [n for n in ALL_IMPLS if gpu or "triton" not in n]
+    args.impls = args.impls or [n for n in ALL_IMPLS if gpu or interpret_mode() or "triton" not in n]
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.reps = args.reps or (50 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
     args.out = args.out or os.path.join(os.path.dirname(__file__), "results", f"moe_layer_{args.device}.jsonl")
     print(f"{machine()}; {args.dtype}; reps {args.reps} after {args.warmup} warm-up; torch threads "
-          f"{torch.get_num_threads()}")
+          f"{torch.get_num_threads()}; env {environment()}")
+    if interpret_mode() and args.device == "cpu":
+        print("TRITON_INTERPRET=1: the Triton rows time the CPU interpreter and mean nothing (smoke test only)")
     rows = run(args)
     write_rows(args.out, rows)
     print(f"\n{len(rows)} rows appended to {args.out}")
