@@ -113,10 +113,31 @@ def _empty_except_zero_experts(w: torch.Tensor, blocks) -> torch.Tensor:
     return dw
 
 
+_GROUP_BYTES = 4 << 20  # temporaries per group of experts: a few MiB, well inside the 32 MiB L3 here
+
+
+def _expert_groups(blocks, width: int, elem_bytes: int):
+    """Consecutive experts grouped into row ranges of about _GROUP_BYTES / (width * elem_bytes) rows
+    (whole experts, at least one): [(first row, end row, [(e, first, end), ...])]. The GEMMs stay per
+    expert; gathers, scatters and elementwise work run once per group, which at E=64 cuts the number
+    of small CPU ops (each a parallel region) by the group size."""
+    budget = max(1, _GROUP_BYTES // max(1, width * elem_bytes))
+    groups, members = [], []
+    for blk in blocks:
+        members.append(blk)
+        if blk[2] - members[0][1] >= budget:
+            groups.append((members[0][1], blk[2], members))
+            members = []
+    if members:
+        groups.append((members[0][1], members[-1][2], members))
+    return groups
+
+
 class _GroupedSwiGLURef(torch.autograd.Function):
-    """Expert by expert, so that the gathered rows, silu(g) and the SwiGLU gradients are cache-sized
-    temporaries (see moe_permute.py on why large fresh tensors are what costs on CPU): the forward
-    allocates g, u (kept for the backward) and h; the backward dx, dw_gate, dw_up."""
+    """Group of experts by group of experts (_expert_groups), so that the gathered rows, silu(g) and
+    the SwiGLU gradients are cache-sized temporaries (see moe_permute.py on why large fresh tensors
+    are what costs on CPU): the forward allocates g, u (kept for the backward) and h; the backward
+    dx, dw_gate, dw_up."""
 
     @staticmethod
     def forward(ctx, x, expert_offsets, w_gate, w_up, sorted_slots, top_k):
@@ -124,15 +145,17 @@ class _GroupedSwiGLURef(torch.autograd.Function):
         token_of_row = None if sorted_slots is None else torch.div(sorted_slots, top_k, rounding_mode="floor")
         N, Fh = (x.shape[0] if sorted_slots is None else sorted_slots.numel()), w_gate.shape[2]
         g, u, h = x.new_empty(N, Fh), x.new_empty(N, Fh), x.new_empty(N, Fh)
-        for e, a, b in blocks:
-            xe = x[a:b] if token_of_row is None else x.index_select(0, token_of_row[a:b])  # (n_e, D)
-            torch.mm(xe, w_gate[e], out=g[a:b])
-            torch.mm(xe, w_up[e], out=u[a:b])
+        groups = _expert_groups(blocks, max(x.shape[1], Fh), x.element_size())
+        for a, b, members in groups:
+            xg = x[a:b] if token_of_row is None else x.index_select(0, token_of_row[a:b])  # (rows, D)
+            for e, ea, eb in members:
+                torch.mm(xg[ea - a:eb - a], w_gate[e], out=g[ea:eb])
+                torch.mm(xg[ea - a:eb - a], w_up[e], out=u[ea:eb])
             torch.mul(F.silu(g[a:b]), u[a:b], out=h[a:b])
         for t in (g, u, h):
             t[dropped:].zero_()
         ctx.save_for_backward(x, w_gate, w_up, g, u, sorted_slots, token_of_row)
-        ctx.blocks, ctx.dropped, ctx.top_k = blocks, dropped, top_k
+        ctx.blocks, ctx.groups, ctx.dropped, ctx.top_k = blocks, groups, dropped, top_k
         return h
 
     @staticmethod
@@ -152,20 +175,24 @@ class _GroupedSwiGLURef(torch.autograd.Function):
                 dx_rows[ctx.dropped:].zero_()  # dropped rows: no expert, no gradient
         if need_dw:
             dwg, dwu = _empty_except_zero_experts(w_gate, ctx.blocks), _empty_except_zero_experts(w_up, ctx.blocks)
-        for e, a, b in ctx.blocks:
-            ge, ue, dhe = g[a:b], u[a:b], dh[a:b]
-            dg = torch.ops.aten.silu_backward(dhe * ue, ge)  # dL/dg = dh * u * silu'(g)
+        for a, b, members in ctx.groups:
+            ge, dhe = g[a:b], dh[a:b]
+            dg = torch.ops.aten.silu_backward(dhe * u[a:b], ge)  # dL/dg = dh * u * silu'(g)
             du = F.silu(ge).mul_(dhe)  # dL/du = dh * silu(g)
             if need_dx:
+                dxg = x.new_empty(b - a, x.shape[1]) if add_to_tokens else dx_rows[a:b]
+                for e, ea, eb in members:
+                    r = slice(ea - a, eb - a)
+                    torch.mm(dg[r], w_gate[e].t(), out=dxg[r])
+                    dxg[r].addmm_(du[r], w_up[e].t())
                 if add_to_tokens:
-                    dx.index_add_(0, token_of_row[a:b], torch.mm(dg, w_gate[e].t()).addmm_(du, w_up[e].t()))
-                else:
-                    torch.mm(dg, w_gate[e].t(), out=dx_rows[a:b])
-                    dx_rows[a:b].addmm_(du, w_up[e].t())
+                    dx.index_add_(0, token_of_row[a:b], dxg)
             if need_dw:
-                xe = x[a:b] if not gathered else x.index_select(0, token_of_row[a:b])
-                torch.mm(xe.t(), dg, out=dwg[e])
-                torch.mm(xe.t(), du, out=dwu[e])
+                xg = x[a:b] if not gathered else x.index_select(0, token_of_row[a:b])
+                for e, ea, eb in members:
+                    r = slice(ea - a, eb - a)
+                    torch.mm(xg[r].t(), dg[r], out=dwg[e])
+                    torch.mm(xg[r].t(), du[r], out=dwu[e])
         if need_dx and not add_to_tokens:
             dx = dx_rows if not gathered else _gather_sum(dx_rows, _inverse_ref(sorted_slots), x.shape[0], ctx.top_k)
         return dx, None, dwg, dwu, None, None
@@ -181,26 +208,33 @@ def moe_grouped_swiglu_ref(x: torch.Tensor, expert_offsets: torch.Tensor, w_gate
 
 
 class _GroupedDownCombineRef(torch.autograd.Function):
-    """On CPU, expert by expert: y_e = h_e @ w_down[e] is a cache-sized temporary, scaled by the
-    routing weights and added to its tokens, so the (S, D) expert output is never stored. The
-    routing weights' gradient <g[t], y[p]> is taken as <g[t] @ w_down[e]^T, h[p]>, which the
-    backward computes anyway (dL/dh[p] = w_p * g[t] @ w_down[e]^T), so y is not recomputed either."""
+    """On CPU, group of experts by group of experts: y = h @ w_down[e] is a cache-sized temporary,
+    scaled by the routing weights and added to its tokens, so the (S, D) expert output is never
+    stored. The routing weights' gradient <g[t], y[p]> is taken as <g[t] @ w_down[e]^T, h[p]>, which
+    the backward computes anyway (dL/dh[p] = w_p * g[t] @ w_down[e]^T), so y is not recomputed."""
 
     @staticmethod
     def forward(ctx, h, expert_offsets, w_down, inverse, topk_weights):
         T, K = topk_weights.shape
+        D = w_down.shape[2]
         acc = torch.promote_types(h.dtype, torch.float32)
         w = topk_weights.to(acc)
         blocks, dropped = _expert_rows(expert_offsets)
+        groups = _expert_groups(blocks, max(D, h.shape[1]), torch.finfo(acc).bits // 8)
         sorted_slots = _inverse_ref(inverse)
         token_of_row = torch.div(sorted_slots, K, rounding_mode="floor")  # (S,)
         w_of_row = w.reshape(-1)[sorted_slots]  # (S,)
-        out = torch.zeros(T, w_down.shape[2], dtype=acc, device=h.device)
-        for e, a, b in blocks:
-            y_e = torch.mm(h[a:b], w_down[e]).to(acc)  # (n_e, D)
-            out.index_add_(0, token_of_row[a:b], y_e.mul_(w_of_row[a:b, None]))
+        out = torch.zeros(T, D, dtype=acc, device=h.device)
+        for a, b, members in groups:
+            yg = torch.empty(b - a, D, dtype=acc, device=h.device)
+            for e, ea, eb in members:
+                if acc == h.dtype:
+                    torch.mm(h[ea:eb], w_down[e], out=yg[ea - a:eb - a])
+                else:
+                    yg[ea - a:eb - a] = torch.mm(h[ea:eb], w_down[e])
+            out.index_add_(0, token_of_row[a:b], yg.mul_(w_of_row[a:b, None]))
         ctx.save_for_backward(h, w_down, inverse, token_of_row, w_of_row)
-        ctx.blocks, ctx.dropped, ctx.w_dtype, ctx.TK = blocks, dropped, topk_weights.dtype, (T, K)
+        ctx.blocks, ctx.groups, ctx.dropped, ctx.w_dtype, ctx.TK = blocks, groups, dropped, topk_weights.dtype, (T, K)
         return out.to(h.dtype)
 
     @staticmethod
@@ -215,16 +249,21 @@ class _GroupedDownCombineRef(torch.autograd.Function):
             dh[ctx.dropped:].zero_()
         dwd = _empty_except_zero_experts(w_down, ctx.blocks) if need_dwd else None
         dw_of_row = torch.zeros_like(w_of_row) if need_dw else None  # dropped rows: weight 0, gradient 0
-        for e, a, b in ctx.blocks:
-            g_e = g.index_select(0, token_of_row[a:b])  # (n_e, D) each row's token's gradient
+        for a, b, members in ctx.groups:
+            gg = g.index_select(0, token_of_row[a:b])  # (rows, D) each row's token's gradient
+            gh = gg.to(h.dtype)
             if need_dh or need_dw:
-                dz = torch.mm(g_e.to(h.dtype), w_down[e].t())  # (n_e, F) = g[t] @ w_down[e]^T
+                dz = h.new_empty(b - a, h.shape[1])  # (rows, F) = g[t] @ w_down[e]^T
+                for e, ea, eb in members:
+                    torch.mm(gh[ea - a:eb - a], w_down[e].t(), out=dz[ea - a:eb - a])
                 if need_dw:  # dL/dw_p = <g[t], h[p] @ w_down[e]> = <dz_p, h[p]>
                     dw_of_row[a:b] = torch.bmm(dz.to(acc).unsqueeze(1), h[a:b].to(acc).unsqueeze(2)).view(-1)
                 if need_dh:
                     torch.mul(dz, w_of_row[a:b, None], out=dh[a:b])
             if need_dwd:  # dL/dw_down[e] = h_e^T (w * g)_e
-                torch.mm(h[a:b].t(), g_e.mul_(w_of_row[a:b, None]).to(h.dtype), out=dwd[e])
+                wg_rows = gg.mul_(w_of_row[a:b, None]).to(h.dtype)
+                for e, ea, eb in members:
+                    torch.mm(h[ea:eb].t(), wg_rows[ea - a:eb - a], out=dwd[e])
         dw = dw_of_row[inverse].view(T, K).to(ctx.w_dtype) if need_dw else None
         return dh, None, dwd, None, dw
 

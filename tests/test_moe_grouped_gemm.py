@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from blues.kernels import moe_grouped_gemm as gg_module  # noqa: E402
 from blues.kernels.moe_grouped_gemm import (_row_tiles, moe_grouped_down_combine,  # noqa: E402
                                             moe_grouped_down_combine_ref, moe_grouped_gemm, moe_grouped_gemm_ref,
                                             moe_grouped_swiglu, moe_grouped_swiglu_ref)
@@ -27,6 +28,13 @@ from blues.kernels.triton_utils import compile_for_gpu, cubin_resource_usage, re
 # the fp32 reference on the same bf16 inputs, elementwise within 2% plus 2% of the tensor's largest
 # magnitude (a few ulps; sums of 100+ products make near-zero entries meaningless in relative terms).
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+GROUPINGS = [  # the CPU refs process experts in groups of about _GROUP_BYTES of temporaries
+    pytest.param(None, id="default groups (all experts in one here)"),
+    pytest.param(1, id="one expert per group"),
+    pytest.param(200, id="groups of a few experts"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -144,9 +152,12 @@ def test_moe_grouped_down_combine_matches_ref(T, E, K, Fh, D, kind, dtype):
         _assert_close(a, b, dtype, name)
 
 
-def test_down_combine_ref_is_gemm_then_combine():
+@pytest.mark.parametrize("group_bytes", GROUPINGS)
+def test_down_combine_ref_is_gemm_then_combine(group_bytes, monkeypatch):
     # The fused CPU reference against its definition (grouped GEMM, then combine), in float64 and
     # with finite differences; rows of dropped assignments and an expert with no row included.
+    if group_bytes is not None:
+        monkeypatch.setattr(gg_module, "_GROUP_BYTES", group_bytes)
     gen = torch.Generator().manual_seed(2)
     T, E, K, Fh, D = 11, 4, 2, 6, 5
     ids = _routing(T, E, K, "dropped", gen)
@@ -177,10 +188,13 @@ def test_grouped_gemm_ref_is_a_per_row_matmul():
     torch.testing.assert_close(h, F.silu(expect) * expect)
 
 
+@pytest.mark.parametrize("group_bytes", GROUPINGS)
 @pytest.mark.parametrize("gather", [False, True])
-def test_refs_backward_is_autograd_of_the_definition(gather):
+def test_refs_backward_is_autograd_of_the_definition(gather, group_bytes, monkeypatch):
     # The refs write their backward by hand (no cat/stack copies); in float64 it must equal autograd
     # of the one-line definitions, and torch.autograd.gradcheck (finite differences) must pass.
+    if group_bytes is not None:
+        monkeypatch.setattr(gg_module, "_GROUP_BYTES", group_bytes)
     gen = torch.Generator().manual_seed(5)
     T, E, K, D, Fh = 9, 4, 2, 5, 6
     ids = _routing(T, E, K, "dropped", gen)
