@@ -4,10 +4,12 @@ Shapes: B batch, T tokens per sequence, N = B*T tokens, D width, E experts, K to
 S = N*K assignments, F expert hidden size.
 
 Dispatch never builds an [N, E, capacity] tensor and never loops over per-expert modules:
-token copies are ordered by expert (moe_permute_indices), gathered (moe_permute), run through
-one grouped matmul per projection (moe_grouped_gemm), and each token gathers back its K outputs
-(moe_unpermute_combine). The torch backend runs the plain-torch references of those ops; the
-Triton backend runs the kernels of the same names (kernels/, installed as blues.kernels).
+token copies are ordered by expert (moe_permute_indices), the gate and up projections run as one
+grouped op that gathers the token rows itself (moe_grouped_swiglu, by definition moe_permute then
+moe_grouped_gemm twice), and the down projection sums each token's K weighted outputs
+(moe_grouped_down_combine, by definition moe_grouped_gemm then moe_unpermute_combine). The torch
+backend runs the plain-torch references of those ops; the Triton backend runs the kernels of the
+same names (kernels/, installed as blues.kernels).
 """
 from __future__ import annotations
 
@@ -42,22 +44,20 @@ class MoEOutput(NamedTuple):
 TORCH_OPS = SimpleNamespace(
     route=_route.moe_route_ref,
     permute_indices=_perm.moe_permute_indices_ref,
-    permute=_perm.moe_permute_ref,
-    unpermute_combine=_perm.moe_unpermute_combine_ref,
-    grouped_gemm=_gg.moe_grouped_gemm_ref,
+    grouped_swiglu=_gg.moe_grouped_swiglu_ref,
+    grouped_down_combine=_gg.moe_grouped_down_combine_ref,
 )
+_TRITON_OP_NAMES = ((_route, "moe_route", "route"), (_perm, "moe_permute_indices", "permute_indices"),
+                    (_gg, "moe_grouped_swiglu", "grouped_swiglu"),
+                    (_gg, "moe_grouped_down_combine", "grouped_down_combine"))
 
 
 def _triton_ops() -> SimpleNamespace:
-    missing = [n for mod, n in ((_route, "moe_route"), (_perm, "moe_permute_indices"), (_perm, "moe_permute"),
-                                (_perm, "moe_unpermute_combine"), (_gg, "moe_grouped_gemm"))
-               if not hasattr(mod, n)]
+    missing = [name for mod, name, _ in _TRITON_OP_NAMES if not hasattr(mod, name)]
     if missing:
         raise ValueError(f"moe_backend='triton' is not available: kernels {', '.join(missing)} are missing; "
                          "use moe_backend='torch'")
-    return SimpleNamespace(route=_route.moe_route, permute_indices=_perm.moe_permute_indices,
-                           permute=_perm.moe_permute, unpermute_combine=_perm.moe_unpermute_combine,
-                           grouped_gemm=_gg.moe_grouped_gemm)
+    return SimpleNamespace(**{key: getattr(mod, name) for mod, name, key in _TRITON_OP_NAMES})
 
 
 def triton_can_run(device: torch.device) -> bool:
@@ -177,12 +177,12 @@ class MoE(nn.Module):
             dropped = torch.zeros((), dtype=torch.long, device=x.device)
 
         ex = self.experts
-        xp = ops.permute(xf, idx.sorted_slots, K)  # (S, D)
-        h = F.silu(ops.grouped_gemm(xp, idx.expert_offsets, ex.w_gate)) * ops.grouped_gemm(xp, idx.expert_offsets, ex.w_up)  # (S, F)
+        # Token rows are gathered inside the up-projection (no (S, D) copy of x), and the down
+        # projection sums each token's K weighted rows itself (no (S, D) expert output).
+        h = ops.grouped_swiglu(xf, idx.expert_offsets, ex.w_gate, ex.w_up, idx.sorted_slots, K)  # (S, F)
         if self.training and m.expert_dropout > 0:
             h = F.dropout(h, p=m.expert_dropout)
-        y = ops.grouped_gemm(h, idx.expert_offsets, ex.w_down)  # (S, D)
-        out = ops.unpermute_combine(y, idx.inverse, weights)  # (N, D)
+        out = ops.grouped_down_combine(h, idx.expert_offsets, ex.w_down, idx.inverse, weights)  # (N, D)
         if self.shared is not None:
             out = out + self.shared(xf)
         counts = idx.expert_offsets[1:] - idx.expert_offsets[:-1]  # (E,)
