@@ -20,9 +20,19 @@ projections and the SwiGLU between them, in one op.
   returns h (N, F) = silu(x_rows @ w_gate[e]) * (x_rows @ w_up[e]); rows at or past
   expert_offsets[E] are zero. Gradients flow to x, w_gate and w_up.
 
+Contract of moe_grouped_down_combine (reference `moe_grouped_down_combine_ref`): the experts' down
+projection and the weighted combine, in one op.
+    h               (S, F) rows in expert order (moe_grouped_swiglu's output, after any dropout)
+    expert_offsets  (E+1,) int64   as above
+    w_down          (E, F, D), h's dtype
+    inverse, topk_weights          as for moe_unpermute_combine: (S,) int64, (T, K) float
+  returns (T, D) in h's dtype: out[t] = sum_k topk_weights[t, k] * (h[p] @ w_down[e_p]) with
+  p = inverse[t*K + k], summed in fp32; by definition moe_unpermute_combine(moe_grouped_gemm(h,
+  expert_offsets, w_down), inverse, topk_weights). Gradients flow to h, w_down and topk_weights.
+
 The Triton kernels need no host synchronisation: each program finds its (expert, row tile) from
-expert_offsets on the device; the grid is sized from the upper bound cdiv(N, BLOCK_M) + E on the
-number of row tiles, and programs past the real count do nothing.
+expert_offsets on the device; the grid is sized from an upper bound on the number of row tiles
+(cdiv(N, BLOCK_M) + min(E, N-1), see _row_tiles), and programs past the real count do nothing.
 """
 from __future__ import annotations
 
