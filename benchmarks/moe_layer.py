@@ -9,11 +9,11 @@ precomputed router logits, weights renormalised over the k choices. The router's
 left out of all of them; its logits are an input (requires_grad, so the routing weights backpropagate).
 
 Implementations (--impls):
-  blues_triton      blues/moe.py's op sequence on the Triton kernels (CUDA only)
-  blues_triton_fused  the same with the fused ops: moe_grouped_swiglu (gather + gate + up + SwiGLU in one
-                    kernel) and moe_grouped_down_combine
-  blues_torch       blues/moe.py's op sequence on the torch references: Blues' CPU path
-  blues_torch_fused the same with moe_grouped_swiglu_ref and moe_grouped_down_combine_ref
+  blues_triton      blues/moe.py's op sequence on the Triton kernels (CUDA only): route, permute_indices,
+                    moe_grouped_swiglu (gather + gate + up + SwiGLU), moe_grouped_down_combine
+  blues_torch       the same op sequence on the torch references: Blues' CPU path
+  blues_triton_5ops, blues_torch_5ops  the unfused composition blues/moe.py ran first: moe_permute, three
+                    moe_grouped_gemm (gate, up, down) with torch's silu and product, moe_unpermute_combine
   ds_nodrop         deepspeed.moe.layer.MoE, drop_tokens=False: every expert padded to the busiest one
   ds_cf1.0, ds_cf1.25  the same with capacity factor 1.0 / 1.25: DROPS TOKENS (different output)
   naive             a Python loop over experts, each gathering its tokens and adding back its outputs
@@ -91,7 +91,7 @@ SHAPES = {
 }
 CPU_SHAPES = ["C1", "C2"]
 GPU_SHAPES = ["S1", "S2", "S3a", "S3b"]
-ALL_IMPLS = ["blues_triton", "blues_triton_fused", "blues_torch", "blues_torch_fused", "ds_nodrop", "ds_cf1.0",
+ALL_IMPLS = ["blues_triton", "blues_triton_5ops", "blues_torch", "blues_torch_5ops", "ds_nodrop", "ds_cf1.0",
              "ds_cf1.25", "naive", "floor"]
 
 
@@ -142,9 +142,9 @@ def _leaves(p: dict, *names) -> list:
 # ----------------------------------------------------------------------------------------------
 
 def blues_experts(ops, x, logits, w_gate, w_up, w_down, K, fused: bool):
-    """blues.moe.MoE.forward after its router linear (capacity_factor=None, eval: no noise, no dropout).
-    `fused`: moe_grouped_swiglu (gather, gate and up projections, SwiGLU) and moe_grouped_down_combine
-    (down projection and weighted combine) instead of the five ops blues/moe.py calls today."""
+    """blues.moe.MoE.forward after its router linear (capacity_factor=None, eval: no noise, no dropout):
+    with `fused` (what blues/moe.py runs) moe_grouped_swiglu and moe_grouped_down_combine; without, the
+    five-op composition it ran before (permute, three grouped GEMMs, combine)."""
     E = w_gate.shape[0]
     r = ops.route(logits, K)
     aux = route.load_balancing_loss(r.counts, r.prob_sum, x.shape[0], K)
@@ -176,7 +176,7 @@ class _Ops:
 class BluesImpl(Impl):
 
     def __init__(self, p: dict, triton: bool, fused: bool):
-        self.name = f"blues_{'triton' if triton else 'torch'}{'_fused' if fused else ''}"
+        self.name = f"blues_{'triton' if triton else 'torch'}{'' if fused else '_5ops'}"
         self.ops, self.fused, self.K = _Ops(triton), fused, p["K"]
         self.x, self.logits, self.wg, self.wu, self.wd = _leaves(p, "x", "logits", "w_gate", "w_up", "w_down")
 
@@ -190,7 +190,7 @@ class BluesImpl(Impl):
 def check_mirror_matches_layer() -> float:
     """blues_experts must be what blues.moe.MoE runs: compare on a small layer fed the same logits."""
     from blues.config import BluesConfig, ModelConfig, MoEConfig
-    from blues.moe import MoE, TORCH_OPS
+    from blues.moe import MoE
     torch.manual_seed(0)
     cfg = BluesConfig(model=ModelConfig(n_embd=48, n_head=4, num_kv_heads=2),
                       moe=MoEConfig(num_experts=6, top_k=2, expert_ffn_size=40, moe_backend="torch"))
@@ -202,7 +202,8 @@ def check_mirror_matches_layer() -> float:
         want = layer(x).out.reshape(34, 48)
         logits = F.linear(x.reshape(34, 48).float(), layer.router.weight.float())
         ex = layer.experts
-        got = blues_experts(TORCH_OPS, x.reshape(34, 48), logits, ex.w_gate, ex.w_up, ex.w_down, 2, fused=False)[0]
+        got = blues_experts(_Ops(triton=False), x.reshape(34, 48), logits, ex.w_gate, ex.w_up, ex.w_down, 2,
+                            fused=True)[0]
     return (got - want).abs().max().item()
 
 
@@ -351,7 +352,7 @@ class FloorImpl(Impl):
 
 def build_impl(name: str, p: dict) -> Impl:
     if name.startswith("blues_"):
-        return BluesImpl(p, triton="triton" in name, fused=name.endswith("_fused"))
+        return BluesImpl(p, triton="triton" in name, fused=not name.endswith("_5ops"))
     if name == "ds_nodrop":
         return DeepSpeedImpl(p, None)
     if name.startswith("ds_cf"):
@@ -445,7 +446,7 @@ def check_outputs(impls: list, p: dict) -> dict:
     ref_ops = _Ops(triton=False)
     with torch.no_grad():
         args = [p[n].float() for n in ("x", "logits", "w_gate", "w_up", "w_down")]
-        want = blues_experts(ref_ops, args[0], args[1], args[2], args[3], args[4], p["K"], fused=False)[0]
+        want = blues_experts(ref_ops, args[0], args[1], args[2], args[3], args[4], p["K"], fused=True)[0]
         scale = want.abs().max().item()
         errs = {}
         for impl in impls:
@@ -528,7 +529,7 @@ def run(args) -> list:
                       f"{row['x_floor_fwd_bwd_min'] or nan:6.2f} {row['x_floor_fwd_bwd_paired'] or nan:6.2f} "
                       f"{(mem or 0) / 1e6:8.1f}")
             blues_name = "blues_triton" if device == "cuda" else "blues_torch"
-            for b in (blues_name, blues_name + "_fused"):
+            for b in (blues_name, blues_name + "_5ops"):
                 if b in med and "ds_nodrop" in med:
                     print(f"  ds_nodrop / {b} (fwd+bwd): median {med['ds_nodrop']['fwd_bwd'] / med[b]['fwd_bwd']:.2f}x, "
                           f"min {best['ds_nodrop']['fwd_bwd'] / best[b]['fwd_bwd']:.2f}x, "
