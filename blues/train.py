@@ -544,6 +544,7 @@ class _Signals:
 
     def _handle(self, signum, frame):
         self.run.stop_signal = signal.Signals(signum).name
+        _EARLY_SIGNALS.append(self.run.stop_signal)
 
     def __exit__(self, *exc):
         for sig, h in self.old.items():
@@ -671,9 +672,22 @@ def _world_size_from_env() -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    original = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, _note_early_signal)
+            original[sig] = signal.signal(sig, _note_early_signal)
+    try:
+        return _main(argv)
+    finally:
+        # CPython resets the handlers it installed to SIG_DFL while the interpreter shuts down, so a
+        # duplicate USR1 arriving then would kill a rank that already saved (exit -10, seen under
+        # Slurm). After a stop by signal, ignore further ones; otherwise restore what we inherited
+        # (SIG_IGN under `trap '' USR1`).
+        for sig, h in original.items():
+            signal.signal(sig, signal.SIG_IGN if _EARLY_SIGNALS else (h if h is not None else signal.SIG_DFL))
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("blues-train: %(message)s"))
