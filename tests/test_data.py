@@ -3,7 +3,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,22 +16,6 @@ from blues.data import TokenLoader, builtin_corpus, load_meta, main, prepare
 from blues.tokenizer import ENDOFTEXT, Tokenizer, check_vocab, default_tokenizer, train_tokenizer
 
 EOT = ENDOFTEXT
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Every way out of this process raises; the list records each attempt."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args[1:2] or args[:1])
-        raise OSError("network blocked by the test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return attempts
 
 
 def run_cli(argv, capsys):

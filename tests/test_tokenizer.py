@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 import random
-import socket
 import time
 
 import pytest
@@ -16,22 +15,6 @@ from blues import tokenizer as btok
 from blues.data import builtin_corpus, builtin_corpus_info
 from blues.tokenizer import (ENDOFTEXT, NAMED_ENCODING_FILES, RUSTBPE_PATTERN, Tokenizer, check_vocab,
                              default_tokenizer, tiktoken_cache_path, train_tokenizer)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Every way out of this process raises; the list records each attempt."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args[1:2] or args[:1])
-        raise OSError("network blocked by the test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return attempts
 
 
 def random_unicode(rng: random.Random, n: int) -> str:
