@@ -4,13 +4,15 @@ The Triton kernels live in the top-level ``kernels/`` folder but install as
 ``blues.kernels``: another widely installed distribution already owns the
 import name ``kernels``.
 """
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="blues",
     version="0.1.0",
     description="Mixture-of-Experts language models trained with DeepSpeed",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=Path("README.md").read_text(encoding="utf-8") if Path("README.md").is_file() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["blues", "blues.*"]) + ["blues.kernels", "blues.assets"],
@@ -33,16 +35,16 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "tensorboard"],
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "ruff==0.17.6"],
         "flash": ["flash-attn>=2.6"],
     },
     entry_points={
         "console_scripts": [
-            "blues-prepare=blues.data:main",
-            "blues-train=blues.train:main",
-            "blues-generate=blues.generate:main",
-            "blues-probe=blues.memory_probe:main",
-            "blues-submit=blues.submit:main",
+            "blues-prepare=blues.cli.prepare:main",
+            "blues-train=blues.cli.train:main",
+            "blues-generate=blues.cli.generate:main",
+            "blues-probe=blues.cli.probe:main",
+            "blues-submit=blues.cli.submit:main",
         ]
     },
 )

@@ -1,12 +1,10 @@
-"""Text generation for Blues models, and the `blues-generate` CLI.
+"""Text generation for Blues models (the `blues-generate` CLI is blues/cli/generate.py).
 
 Arguments follow Hugging Face's names (max_new_tokens, temperature, top_k, top_p,
 eos_token_id, use_cache); `output_len` (the Blues-01 name) is accepted for max_new_tokens.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -197,36 +195,3 @@ def _stream(model, ids, kind, max_new_tokens, temperature, top_k, top_p, eos, ge
     finally:
         model.train(was_training)
 
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="blues-generate", description="Generate text from a Blues model folder "
-                                "written by save_pretrained (e.g. out/export after blues-train).")
-    p.add_argument("--model", required=True, help="folder with model.safetensors, config.json, tokenizer")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max_new_tokens", "--output_len", type=int, default=100, dest="max_new_tokens")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence at every step")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    try:
-        from blues.model import Blues
-        model = Blues.from_pretrained(args.model, map_location=args.device)
-        if model.tokenizer is None:
-            raise ValueError(f"{args.model!r} holds no tokenizer (tokenizer.json): it cannot take a text prompt")
-        for piece in generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True,
-                              use_cache=not args.no_cache):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-    except ValueError as e:
-        print(f"blues-generate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

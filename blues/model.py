@@ -17,13 +17,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from blues.common import atomic_write, atomic_write_json
 from blues.attention import Attention, KVCache, RotaryEmbedding
 from blues.config import BluesConfig
-from blues.moe import MoEOutput, SwiGLU, build_mlp
+from blues.moe import MoE, MoEOutput, SwiGLU
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
+
+
+def build_mlp(config: BluesConfig, layer_idx: int) -> nn.Module:
+    """The feed-forward part of block `layer_idx`: an MoE layer (stacked, or DeepSpeed's with
+    moe_backend=deepspeed), or a dense SwiGLU where the MoE pattern says so."""
+    if not config.moe.is_moe_layer(layer_idx):
+        return SwiGLU(config.model.n_embd, config.moe.dense_hidden, config.model.dropout)
+    if config.moe.moe_backend == "deepspeed":
+        from blues.moe.deepspeed_moe import DeepSpeedMoE
+        return DeepSpeedMoE(config)
+    return MoE(config)
 
 class BluesOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, V)
@@ -101,6 +113,7 @@ class Blues(nn.Module):
         self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
+        """Keep activations again (the default)."""
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
@@ -119,7 +132,10 @@ class Blues(nn.Module):
                 outs = block(x, cos, sin, kv_cache)
             x = outs[0]
             if len(outs) > 1:
-                aux.append(outs[1]); zl.append(outs[2]); counts.append(outs[3]); dropped.append(outs[4])
+                aux.append(outs[1])
+                zl.append(outs[2])
+                counts.append(outs[3])
+                dropped.append(outs[4])
         if kv_cache is not None:
             kv_cache.advance(T)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
@@ -189,15 +205,14 @@ class Blues(nn.Module):
 
     def save_pretrained(self, directory: str, tokenizer=None) -> None:
         """Write model.safetensors + config.json (+ the tokenizer's files) into `directory`."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
         os.makedirs(directory, exist_ok=True)
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         cfg = self.config.to_dict()
-        save_file(self.export_state_dict(), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        tmp = os.path.join(directory, CONFIG_NAME + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-        os.replace(tmp, os.path.join(directory, CONFIG_NAME))
+        # Each file appears whole or not at all (a save killed midway never leaves a truncated file
+        # under the final name); the weights go in memory first, ~2x their size at peak.
+        atomic_write(os.path.join(directory, WEIGHTS_NAME), save(self.export_state_dict(), metadata={"format": "pt"}))
+        atomic_write_json(os.path.join(directory, CONFIG_NAME), cfg, indent=2, sort_keys=True)
         if tokenizer is not None:
             tokenizer.save(directory)
 
@@ -235,7 +250,7 @@ class Blues(nn.Module):
         model.load_weights(state, source=w_path)
         tok_file = os.path.join(directory, "tokenizer.json")
         if os.path.isfile(tok_file):
-            from blues.tokenizer import Tokenizer, check_vocab
+            from blues.data.tokenizer import Tokenizer, check_vocab
             tok = Tokenizer.load(directory)
             check_vocab(tok, config.model.vocab_size, what=f"model in {directory}")
             model.tokenizer = tok

@@ -51,9 +51,32 @@ def test_stream_yields_the_same_tokens(model):
         model.generate([3, 4], max_new_tokens=9, temperature=0)
 
 
-def test_generation_continues_past_block_size(model):
-    out = model.generate(list(range(1, 30)), max_new_tokens=10, temperature=0)
-    assert len(out) == 10
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_continues_past_block_size(model, monkeypatch, use_cache):
+    # The prompt (29) plus 10 new tokens passes block_size=32: every step's logits must be those of a
+    # forward over the last block_size tokens (the cache before the window fills, a recompute after).
+    import blues.generate as bg
+    seen = []
+    real = bg.sample_next
+
+    def recording(logits, *args, **kwargs):
+        seen.append(logits.detach().clone())  # (B, V)
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(bg, "sample_next", recording)
+    prompt = list(range(1, 30))
+    out = model.generate(prompt, max_new_tokens=10, temperature=0, use_cache=use_cache)
+    assert len(out) == 10 and len(seen) == 10
+    seq = list(prompt)
+    block = model.config.model.block_size
+    with torch.no_grad():
+        for step, token in enumerate(out):
+            want = model(torch.tensor([seq[-block:]])).logits[:, -1]  # (1, V)
+            # fp32; the KV-cached steps sum attention in another order than the full forward (~1e-6)
+            torch.testing.assert_close(seen[step], want, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+            assert token == int(want.argmax())
+            seq.append(token)
+    assert len(seq) > block
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -73,7 +96,7 @@ def test_bad_arguments_raise_clear_errors(model, kwargs, match):
 
 
 def test_string_prompts_decode_and_stream_as_text():
-    from blues.tokenizer import default_tokenizer
+    from blues.data.tokenizer import default_tokenizer
     tok = default_tokenizer()
     torch.manual_seed(0)
     m = Blues(BluesConfig.from_dict(dict(vocab_size=tok.n_vocab, block_size=64, n_layer=1, n_head=4, n_embd=32,

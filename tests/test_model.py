@@ -85,6 +85,30 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
+def test_gradient_checkpointing_recomputes_each_block_once_and_disable_stops_it():
+    model = small(2, "sdpa").train()
+    calls = []
+    block, forward = model.blocks[0], model.blocks[0].forward
+
+    def counted(*args, **kwargs):  # torch's checkpoint replays forward() without running forward hooks
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    block.forward = counted
+    x = torch.randint(0, 97, (2, 17))
+
+    def forwards_per_step() -> int:
+        calls.clear()
+        model(x[:, :-1], x[:, 1:]).loss.backward()
+        return len(calls)
+
+    assert forwards_per_step() == 1
+    model.gradient_checkpointing_enable()
+    assert forwards_per_step() == 2  # the forward, and its replay in backward
+    model.gradient_checkpointing_disable()
+    assert forwards_per_step() == 1
+
+
 @pytest.mark.parametrize("kind", ["MQA", "GQA"])
 def test_kv_cache_cache_is_smaller_by_the_head_ratio(kind):
     mqa = small(HEADS[kind]).new_kv_cache(2)

@@ -95,7 +95,7 @@ def test_overrides_may_not_change_shapes(tmp_path):
 
 
 def test_tokenizer_travels_with_the_weights_and_a_mismatch_is_refused(tmp_path):
-    from blues.tokenizer import default_tokenizer
+    from blues.data.tokenizer import default_tokenizer
     tok = default_tokenizer()
     model = build(vocab_size=tok.n_vocab)
     model.save_pretrained(str(tmp_path), tokenizer=tok)
@@ -110,16 +110,3 @@ def test_tokenizer_travels_with_the_weights_and_a_mismatch_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"has 4096 ids .* vocab_size=1000"):
         Blues.from_pretrained(str(tmp_path / "bad"))
 
-
-def test_blues_generate_cli(tmp_path, capsys):
-    from blues.generate import main
-    from blues.tokenizer import default_tokenizer
-    tok = default_tokenizer()
-    model = build(vocab_size=tok.n_vocab)
-    model.save_pretrained(str(tmp_path), tokenizer=tok)
-    assert main(["--model", str(tmp_path), "--prompt", "def f", "--max_new_tokens", "6", "--temperature", "0"]) == 0
-    expected = model.generate("def f", tokenizer=tok, max_new_tokens=6, temperature=0)
-    assert capsys.readouterr().out == expected + "\n"
-    assert main(["--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("blues-generate: error:") and "config.json' does not exist" in err and "Traceback" not in err

@@ -1,5 +1,5 @@
 """moe_backend="deepspeed": DeepSpeed's expert-parallel `deepspeed.moe.layer.MoE` behind the Blues
-MoE interface (forward(x) -> blues.moe.MoEOutput), plus conversion of its expert weights to and
+MoE interface (forward(x) -> blues.moe.layer.MoEOutput), plus conversion of its expert weights to and
 from the stacked layout that blues.moe, save_pretrained and from_pretrained use.
 
 Shapes: B batch, T tokens, N = B*T, D width, E experts (global), E_loc = E / ep_size local experts,
@@ -16,8 +16,9 @@ with tensor parallelism 1), so ep_rank = global_rank % ep_size.
 
 Semantics, against the stacked backends (blues.moe.MoE):
 - Same: softmax router in fp32 on a bias-free linear gate; top-k selection; the selected weights
-  renormalised to sum to 1 for k >= 2; capacity ceil(capacity_factor * N * K / E) per expert, and
-  capacity_factor=None drops nothing (DeepSpeed's drop_tokens=False); the aux loss and the z-loss
+  renormalised to sum to 1 for k >= 2; the capacity is MoEConfig.capacity(N), handed to DeepSpeed's
+  gate as its min_capacity with capacity_factor 0 (its own float32 ceil((N / E) * cf * K) disagrees
+  with the exact one at rounding edges); capacity_factor=None drops nothing (DeepSpeed's drop_tokens=False); the aux loss and the z-loss
   (both recomputed here from the gate's input with Blues' formulas, see below); shared experts;
   expert dropout.
 - aux_loss: DeepSpeed's own l_aux is not used. Its top-2 form counts only first choices and scales
@@ -43,7 +44,6 @@ Semantics, against the stacked backends (blues.moe.MoE):
 from __future__ import annotations
 
 import logging
-import math
 import re
 from typing import Optional
 
@@ -51,14 +51,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from blues.common import log_once
 from blues.config import BluesConfig
-from blues.moe import MoEOutput, SwiGLU
+from blues.moe.layer import MoEOutput, SwiGLU
+from blues.moe.routing import forced_targets
 
 log = logging.getLogger(__name__)
-_LOGGED: set = set()
 
 DS_EXPERT_RE = re.compile(r"^(?P<prefix>.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<i>\d+)\.(?P<w>w_gate|w_up|w_down)$")
-DS_ROUTER_SUFFIX = ".moe.deepspeed_moe.gate.wg.weight"
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
@@ -76,8 +76,6 @@ def check_deepspeed_moe_config(config: BluesConfig) -> None:
         raise ValueError(f"norm_topk_prob=False with top_k={m.top_k} is not available with moe_backend='deepspeed' "
                          "(DeepSpeed always renormalises the selected weights): set norm_topk_prob=true or use "
                          "moe_backend=torch")
-    if m.num_experts % config.train.ep_size:
-        raise ValueError(f"ep_size={config.train.ep_size} is invalid: must divide num_experts={m.num_experts}")
 
 
 def ep_rank_of(global_rank: int, ep_size: int) -> int:
@@ -121,17 +119,18 @@ class DeepSpeedMoE(nn.Module):
         self.ep_size = config.train.ep_size
         self.num_local_experts = E // self.ep_size
         noise = m.router_noise_std > 0
-        if noise and K > 2 and ("noise", K) not in _LOGGED:
-            _LOGGED.add(("noise", K))
-            log.info("moe_backend=deepspeed: DeepSpeed has no router noise for top_k=%d; router_noise_std ignored", K)
+        if noise and K > 2:
+            log_once(log, ("ds-noise", K),
+                     "moe_backend=deepspeed: DeepSpeed has no router noise for top_k=%d; router_noise_std ignored", K)
         self.moe = _DSMoE(
             hidden_size=D,
             expert=SwiGLUExpert(D, Fh, m.expert_dropout),
             num_experts=E,
             ep_size=self.ep_size,
             k=K,
-            capacity_factor=m.capacity_factor if m.capacity_factor is not None else 1.0,
-            eval_capacity_factor=m.capacity_factor if m.capacity_factor is not None else 1.0,
+            # The capacity is set per forward from MoEConfig.capacity (see _set_capacity).
+            capacity_factor=0.0,
+            eval_capacity_factor=0.0,
             min_capacity=1,
             use_residual=False,
             noisy_gate_policy="RSample" if (noise and K == 1) else None,
@@ -143,7 +142,11 @@ class DeepSpeedMoE(nn.Module):
         self.shared = SwiGLU(D, m.num_shared_experts * Fh) if m.num_shared_experts else None
         self._init_local_experts(config)
         self._gate_seen: Optional[tuple] = None
-        self.moe.deepspeed_moe.gate.register_forward_hook(self._capture_gate)
+        self.forced_skew: Optional[float] = None
+        self._real_gate_input: Optional[torch.Tensor] = None
+        gate = self.moe.deepspeed_moe.gate
+        gate.register_forward_pre_hook(self._force_gate_input)
+        gate.register_forward_hook(self._capture_gate)
 
     @torch.no_grad()
     def _init_local_experts(self, config: BluesConfig) -> None:
@@ -167,15 +170,51 @@ class DeepSpeedMoE(nn.Module):
     def router_weight(self) -> nn.Parameter:
         return self.moe.deepspeed_moe.gate.wg.weight  # (E, D)
 
+    def set_forced_routing(self, skew: Optional[float]) -> None:
+        """Part of the forced-routing protocol (blues.moe.routing): route like the worst allowed
+        imbalance for `skew` of the tokens from the next forward on; None restores real routing."""
+        self.forced_skew = skew
+
+    def _set_capacity(self, num_tokens: int) -> None:
+        """DeepSpeed's gate computes max(ceil((N / E) * cf * K) in float32, min_capacity); with cf = 0 it
+        uses min_capacity, which gets the one capacity definition (clamped to N: no expert can get
+        more than N of a token's distinct choices, and DeepSpeed's top-1 gate asserts N >= it)."""
+        cap = self.cfg.capacity(num_tokens)
+        if cap is not None:
+            self.moe.deepspeed_moe.gate.min_capacity = min(cap, num_tokens)
+
+    def _force_gate_input(self, module, args):
+        """Forced routing on DeepSpeed's gate: shift each forced token's gate input x_i by a vector u_i
+        with W u_i = +1 on its target experts and -1 elsewhere (u from the pseudo-inverse of the router
+        weight W (E, D), E <= D), scaled to dominate. _capture_gate then hands the aux/z-loss
+        recomputation the real input, so only the choice of experts is forced."""
+        if self.forced_skew is None:
+            return None
+        x = args[0]  # (N, D)
+        N, E, K = x.shape[0], self.num_experts, self.cfg.top_k
+        forced, targets = forced_targets(N, E, K, self.cfg.capacity(N), self.forced_skew)
+        with torch.no_grad():
+            W = self.router_weight.detach().float()  # (E, D)
+            t = -torch.ones(N, E, device=x.device)
+            t.scatter_(1, targets.to(x.device), 1.0)  # (N, E): +1 on the targets, -1 elsewhere
+            u = t @ torch.linalg.pinv(W).T  # (N, D): W u_i = t_i
+            scale = 100.0 * (x.detach().float().abs().amax() * W.abs().sum(1).amax() + 1.0)
+            shift = (u * scale * forced.to(x.device).unsqueeze(1)).to(x.dtype)
+        self._real_gate_input = x
+        return (x + shift,) + tuple(args[1:])
+
     def _capture_gate(self, module, args, output) -> None:
         # TopKGate(input, used_token, sparse_routes=True, use_tutel) returns
         # (l_aux, capacity, E, indices (K, N) int32 with -1 for dropped, locations, gates, exp_counts).
-        self._gate_seen = (args[0], output[3], output[6])
+        gate_in = self._real_gate_input if self._real_gate_input is not None else args[0]
+        self._real_gate_input = None
+        self._gate_seen = (gate_in, output[3], output[6])
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         B, T, D = x.shape
         E, K = self.num_experts, self.cfg.top_k
         self._gate_seen = None
+        self._set_capacity(B * T)
         # DeepSpeed samples the second expert whenever this is set, eval included; Blues adds noise in
         # training only.
         self.moe.deepspeed_moe.gate.top2_2nd_expert_sampling = self._noise_top2 and self.training
@@ -290,10 +329,3 @@ def num_local_expert_params(model: nn.Module) -> int:
     """Elements of the expert weights this rank holds (E_loc experts per DeepSpeedMoE layer)."""
     return sum(p.numel() for n, p in model.named_parameters() if DS_EXPERT_RE.match(n))
 
-
-def capacity(config: BluesConfig, num_tokens: int) -> Optional[int]:
-    """Per-expert capacity DeepSpeed computes here (min_capacity=1): as blues.moe.MoE.capacity."""
-    m = config.moe
-    if m.capacity_factor is None:
-        return None
-    return max(1, math.ceil(num_tokens / m.num_experts * m.capacity_factor * m.top_k))

@@ -1,4 +1,4 @@
-"""The Blues MoE layer: noisy top-k router, SwiGLU experts stored stacked, sort-based dispatch.
+"""The Blues MoE layer (stacked backends): noisy top-k router, SwiGLU experts stored stacked, sort-based dispatch.
 
 Shapes: B batch, T tokens per sequence, N = B*T tokens, D width, E experts, K top-k,
 S = N*K assignments, F expert hidden size.
@@ -13,24 +13,16 @@ same names (kernels/, installed as blues.kernels).
 """
 from __future__ import annotations
 
-import functools
-import logging
-import math
-from types import SimpleNamespace
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from blues.config import BluesConfig, MoEConfig
-from blues.kernels import moe_grouped_gemm as _gg
-from blues.kernels import moe_permute as _perm
-from blues.kernels import moe_route as _route
 from blues.kernels.moe_route import load_balancing_loss, z_loss
-
-log = logging.getLogger(__name__)
-_LOGGED: set = set()
+from blues.moe.ops import resolve_moe_ops
+from blues.moe.routing import forced_route
 
 
 class MoEOutput(NamedTuple):
@@ -39,61 +31,6 @@ class MoEOutput(NamedTuple):
     z_loss: torch.Tensor  # scalar, unweighted router z-loss
     counts: torch.Tensor  # (E,) long, assignments each expert computed (after capacity)
     dropped: torch.Tensor  # scalar long, assignments dropped by capacity
-
-
-TORCH_OPS = SimpleNamespace(
-    route=_route.moe_route_ref,
-    permute_indices=_perm.moe_permute_indices_ref,
-    grouped_swiglu=_gg.moe_grouped_swiglu_ref,
-    grouped_down_combine=_gg.moe_grouped_down_combine_ref,
-)
-_TRITON_OP_NAMES = ((_route, "moe_route", "route"), (_perm, "moe_permute_indices", "permute_indices"),
-                    (_gg, "moe_grouped_swiglu", "grouped_swiglu"),
-                    (_gg, "moe_grouped_down_combine", "grouped_down_combine"))
-
-
-def _triton_ops() -> SimpleNamespace:
-    missing = [name for mod, name, _ in _TRITON_OP_NAMES if not hasattr(mod, name)]
-    if missing:
-        raise ValueError(f"moe_backend='triton' is not available: kernels {', '.join(missing)} are missing; "
-                         "use moe_backend='torch'")
-    return SimpleNamespace(**{key: getattr(mod, name) for mod, name, key in _TRITON_OP_NAMES})
-
-
-def triton_can_run(device: torch.device) -> bool:
-    import os
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-            return True
-        except ImportError:
-            return False
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def resolve_moe_ops(requested: str, device: torch.device) -> SimpleNamespace:
-    """Ops for `requested` ('auto' | 'torch' | 'triton') on this device; logs an automatic choice once."""
-    if requested == "torch":
-        return TORCH_OPS
-    if requested == "triton":
-        if not triton_can_run(device):
-            raise ValueError(f"moe_backend='triton' needs CUDA (or TRITON_INTERPRET=1 for CPU testing), "
-                             f"got a {device.type} tensor; use moe_backend='torch' or 'auto'")
-        return _triton_ops()
-    assert requested == "auto", requested
-    if device.type == "cuda" and triton_can_run(device):
-        try:
-            ops = _triton_ops()
-            if ("moe", "triton") not in _LOGGED:
-                _LOGGED.add(("moe", "triton"))
-                log.info("MoE backend: triton kernels (CUDA)")
-            return ops
-        except ValueError:
-            pass
-    if ("moe", device.type) not in _LOGGED:
-        _LOGGED.add(("moe", device.type))
-        log.info("MoE backend: torch (%s)", "no CUDA" if device.type != "cuda" else "Triton kernels unavailable")
-    return TORCH_OPS
 
 
 class SwiGLU(nn.Module):
@@ -133,16 +70,14 @@ class MoE(nn.Module):
         # Selection-only bias (DeepSeek-V3 balancing); zero unless a training loop adjusts it.
         self.register_buffer("selection_bias", torch.zeros(m.num_experts), persistent=False)
         self.use_selection_bias = False
-        # Per-layer routing hook: when set, called as route_override(route, logits, top_k, **kw) in
-        # place of route(logits, top_k, **kw). The memory probe forces worst-case routing through it
-        # (blues.memory_probe.RouterSkew); being per layer, it never touches other models.
-        self.route_override = None
+        # Forced routing (blues.moe.routing.forced_routing): the share of tokens sent to the fewest
+        # experts the capacity allows, or None for the router's own choice.
+        self.forced_skew: Optional[float] = None
 
-    def capacity(self, num_tokens: int) -> int | None:
-        cf = self.cfg.capacity_factor
-        if cf is None:
-            return None
-        return max(1, math.ceil(cf * num_tokens * self.cfg.top_k / self.cfg.num_experts))
+    def set_forced_routing(self, skew: Optional[float]) -> None:
+        """Part of the forced-routing protocol (blues.moe.routing): route like the worst allowed
+        imbalance for `skew` of the tokens from the next forward on; None restores real routing."""
+        self.forced_skew = skew
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         B, T, D = x.shape
@@ -151,19 +86,22 @@ class MoE(nn.Module):
         xf = x.reshape(B * T, D)  # (N, D)
         N = xf.shape[0]
         ops = resolve_moe_ops(m.moe_backend, x.device)
+        cap = m.capacity(N)
 
         logits = F.linear(xf.float(), self.router.weight.float())  # (N, E) fp32
         if self.training and m.router_noise_std > 0:
             logits = logits + torch.randn_like(logits) * m.router_noise_std
-        route = ops.route if self.route_override is None else functools.partial(self.route_override, ops.route)
-        r = route(logits, K, score_func=m.router_score_func, norm_topk_prob=m.norm_topk_prob,
+        kw = dict(score_func=m.router_score_func, norm_topk_prob=m.norm_topk_prob,
                   selection_bias=self.selection_bias if self.use_selection_bias else None)
+        if self.forced_skew is None:
+            r = ops.moe_route(logits, K, **kw)
+        else:
+            r = forced_route(ops.moe_route, logits, K, cap, self.forced_skew, **kw)
         aux = load_balancing_loss(r.counts, r.prob_sum, N, K)
         zl = z_loss(r.lse)
 
         topk_ids, weights = r.topk_ids, r.topk_weights  # (N, K) each
-        idx = ops.permute_indices(topk_ids, E)
-        cap = self.capacity(N)
+        idx = ops.moe_permute_indices(topk_ids, E)
         if cap is not None:
             # Position of each assignment inside its expert's block (stable: earlier tokens first);
             # assignments past the capacity are dropped: id E sorts them after every expert.
@@ -171,7 +109,7 @@ class MoE(nn.Module):
             keep = (rank < cap).view(N, K)
             topk_ids = torch.where(keep, topk_ids, torch.full_like(topk_ids, E))
             weights = weights * keep
-            idx = ops.permute_indices(topk_ids, E)
+            idx = ops.moe_permute_indices(topk_ids, E)
             dropped = (~keep).sum()
         else:
             dropped = torch.zeros((), dtype=torch.long, device=x.device)
@@ -179,21 +117,12 @@ class MoE(nn.Module):
         ex = self.experts
         # Token rows are gathered inside the up-projection (no (S, D) copy of x), and the down
         # projection sums each token's K weighted rows itself (no (S, D) expert output).
-        h = ops.grouped_swiglu(xf, idx.expert_offsets, ex.w_gate, ex.w_up, idx.sorted_slots, K)  # (S, F)
+        h = ops.moe_grouped_swiglu(xf, idx.expert_offsets, ex.w_gate, ex.w_up, idx.sorted_slots, K)  # (S, F)
         if self.training and m.expert_dropout > 0:
             h = F.dropout(h, p=m.expert_dropout)
-        out = ops.grouped_down_combine(h, idx.expert_offsets, ex.w_down, idx.inverse, weights)  # (N, D)
+        out = ops.moe_grouped_down_combine(h, idx.expert_offsets, ex.w_down, idx.inverse, weights)  # (N, D)
         if self.shared is not None:
             out = out + self.shared(xf)
         counts = idx.expert_offsets[1:] - idx.expert_offsets[:-1]  # (E,)
         return MoEOutput(out.view(B, T, D), aux, zl, counts, dropped)
 
-
-def build_mlp(config: BluesConfig, layer_idx: int) -> nn.Module:
-    """The feed-forward part of block `layer_idx`: an MoE layer, or a dense SwiGLU where configured."""
-    if not config.moe.is_moe_layer(layer_idx):
-        return SwiGLU(config.model.n_embd, config.moe.dense_hidden, config.model.dropout)
-    if config.moe.moe_backend == "deepspeed":
-        from blues.moe_deepspeed import DeepSpeedMoE
-        return DeepSpeedMoE(config)
-    return MoE(config)

@@ -1,0 +1,1 @@
+"""Console scripts: one thin main() per command (blues-prepare, blues-train, blues-generate, blues-probe, blues-submit)."""
