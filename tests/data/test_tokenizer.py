@@ -11,10 +11,18 @@ import pytest
 import rustbpe
 import tiktoken
 
-from blues import tokenizer as btok
-from blues.data import builtin_corpus, builtin_corpus_info
-from blues.tokenizer import (ENDOFTEXT, NAMED_ENCODING_FILES, RUSTBPE_PATTERN, Tokenizer, check_vocab,
-                             default_tokenizer, tiktoken_cache_path, train_tokenizer)
+import blues.data.tokenizer as btok
+from blues.data.sources import builtin_corpus, builtin_corpus_info
+from blues.data.tokenizer import (
+    ENDOFTEXT,
+    NAMED_ENCODING_FILES,
+    RUSTBPE_PATTERN,
+    Tokenizer,
+    check_vocab,
+    default_tokenizer,
+    tiktoken_cache_path,
+    train_tokenizer,
+)
 
 
 def random_unicode(rng: random.Random, n: int) -> str:
@@ -38,11 +46,14 @@ def corpus():
 
 # ----------------------------------------------------------------------------- the default tokenizer
 
-def test_default_loads_offline_in_under_a_second(no_network):
+def test_default_loads_offline_without_a_hang(no_network):
     t0 = time.perf_counter()
     tok = Tokenizer.load("default")  # not the cached default_tokenizer(): this times a real load
     elapsed = time.perf_counter() - t0
-    assert elapsed < 1.0, f"loading the default tokenizer took {elapsed:.2f} s"
+    # A hang guard only (a load that tried the network would stall): it takes ~0.01 s on an idle
+    # machine, but the test machines' 2 cores are shared, so its speed (under 1 s) is measured by
+    # benchmarks/prepare.py (default_tokenizer_load_s), not asserted here.
+    assert elapsed < 10.0, f"loading the default tokenizer took {elapsed:.2f} s"
     assert no_network == []
     # the tiny preset has vocab_size=4096: the default fills it exactly, <|endoftext|> last
     assert (tok.n_vocab, tok.eot_id, tok.num_merged) == (4096, 4095, 4095)
@@ -234,9 +245,13 @@ def test_named_encoding_with_tiktoken_cache_off_and_offline(monkeypatch, no_netw
         Tokenizer.load("cl100k_base")
 
 
-def test_named_encoding_in_cache_loads_without_network(tmp_path, monkeypatch, no_network):
-    # the real o200k file cannot be had here; an empty file at its cache path plus a stand-in
-    # get_encoding show that a cached file is used without any network probe
+def test_named_encoding_with_its_file_cached_skips_the_network_probe_and_wraps_tiktokens_encoding(
+        tmp_path, monkeypatch, no_network):
+    # What it checks is Blues' side of a named encoding: with the file at tiktoken's cache path,
+    # Tokenizer.load makes no network probe, and it wraps whatever tiktoken.get_encoding returns
+    # (name, n_vocab, eot_id, sha256 of the ranks). tiktoken's own loading is not tested: the real
+    # o200k file cannot be had offline, so an empty file holds its place and a stand-in Encoding
+    # (the default tokenizer's ranks) is what get_encoding returns.
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     (tmp_path / os.path.basename(tiktoken_cache_path(NAMED_ENCODING_FILES["o200k_base"][0]))).write_bytes(b"")
     d = default_tokenizer()
@@ -267,29 +282,6 @@ def test_named_encoding_urls_match_installed_tiktoken(monkeypatch):
         except (AssertionError, ValueError, KeyError):
             pass  # the fake files do not make a valid encoding; only the URLs matter
         assert tuple(requested) == NAMED_ENCODING_FILES[name], name
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def test_cli_train_and_info(tmp_path, capsys):
-    src = tmp_path / "in"
-    src.mkdir()
-    (src / "a.txt").write_text(" ".join(builtin_corpus()[:5]))
-    assert btok.main(["train", "--out", str(tmp_path / "t"), "--vocab_size", "700", "--input_dir", str(src)]) == 0
-    assert "n_vocab=700" in capsys.readouterr().out
-    assert btok.main(["info", str(tmp_path / "t")]) == 0
-    assert "n_vocab=700 eot_id=699" in capsys.readouterr().out
-
-
-def test_cli_unreachable_vocab_is_one_line_error(tmp_path, capsys):
-    src = tmp_path / "in"
-    src.mkdir()
-    (src / "a.txt").write_text("tiny text " * 10)
-    assert btok.main(["train", "--out", str(tmp_path / "t"), "--vocab_size", "5000", "--input_dir", str(src)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("python -m blues.tokenizer: error: vocab_size=5000 cannot be reached")
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert not (tmp_path / "t").exists()
 
 
 def test_encode_to_numpy_equals_encode():

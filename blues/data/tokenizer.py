@@ -2,7 +2,7 @@
 
 Three kinds load through one call, `Tokenizer.load(name_or_path)`:
 - "default": the byte-level BPE shipped in blues/assets (4095 merges + <|endoftext|> = 4096 ids),
-  trained by `python -m blues.tokenizer train --out blues/assets` on the built-in corpus.
+  trained by `python -m blues.cli.tokenizer train --out blues/assets` on the built-in corpus.
 - a tiktoken encoding by name (gpt2, cl100k_base, o200k_base, ...): found in TIKTOKEN_CACHE_DIR
   or downloaded; offline and missing, the error says which file to place where.
 - a trained tokenizer: a folder holding tokenizer.json + tokenizer.tiktoken, or either file.
@@ -13,28 +13,28 @@ Files written by `Tokenizer.save(directory)`:
 
 We parse tokenizer.tiktoken ourselves instead of calling tiktoken.load.load_tiktoken_bpe: that
 function caches even local paths by a hash of the path and returns the stale copy after the file
-changes (see tests/test_tokenizer.py::test_load_is_never_stale).
+changes (see tests/data/test_tokenizer.py::test_load_is_never_stale).
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import functools
 import hashlib
 import json
 import logging
 import os
-import socket
-import sys
-import time
 from typing import Iterable, Optional, Sequence
 
 import tiktoken
 
-log = logging.getLogger("blues.tokenizer")
+from blues.common import atomic_write
+from blues.data.sources import builtin_corpus, builtin_corpus_info, network_available
+
+log = logging.getLogger(__name__)
 
 ENDOFTEXT = "<|endoftext|>"
-ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+# blues/assets, next to this package: the shipped default tokenizer
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 DEFAULT_NAME = "blues-default-4096"
 DEFAULT_VOCAB_SIZE = 4096
 VOCAB_FILE = "tokenizer.tiktoken"
@@ -43,7 +43,7 @@ FORMAT = "blues-tokenizer"
 FORMAT_VERSION = 1
 
 # Source files of tiktoken's named encodings, as tiktoken_ext/openai_public.py (tiktoken 0.14)
-# downloads them; tests/test_tokenizer.py checks this table against the installed tiktoken.
+# downloads them; tests/data/test_tokenizer.py checks this table against the installed tiktoken.
 # tiktoken caches a download at $TIKTOKEN_CACHE_DIR/<sha1 of the URL>, and finds it there offline.
 _OPENAI = "https://openaipublic.blob.core.windows.net"
 NAMED_ENCODING_FILES = {
@@ -170,11 +170,6 @@ class Tokenizer:
             ids = ids.tolist()
         return self.enc.decode(ids)
 
-    def decode_bytes(self, ids) -> bytes:
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        return self.enc.decode_bytes(ids)
-
     # -- persistence
     def save(self, directory: str) -> None:
         """Write tokenizer.tiktoken and tokenizer.json into `directory` (created if missing)."""
@@ -190,8 +185,8 @@ class Tokenizer:
             "pattern": self.pattern, "special_tokens": self.special_tokens, **self.extra,
         }
         # vocabulary first, config last: a folder with tokenizer.json is complete
-        _atomic_write(os.path.join(directory, VOCAB_FILE), data)
-        _atomic_write(os.path.join(directory, CONFIG_FILE), (json.dumps(config, indent=1) + "\n").encode())
+        atomic_write(os.path.join(directory, VOCAB_FILE), data)
+        atomic_write(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=1) + "\n")
 
     def __getstate__(self):  # picklable, for prepare's worker processes
         return {"name": self.name, "pattern": self.pattern, "ranks": self._ranks,
@@ -233,13 +228,6 @@ class Tokenizer:
             return _load_named(spec)
         raise ValueError(f"tokenizer {spec!r} is neither 'default', a tiktoken encoding "
                          f"({', '.join(sorted(_named_encodings()))}) nor an existing file or folder")
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _load_files(config_path: Optional[str], vocab_path: Optional[str]) -> Tokenizer:
@@ -297,15 +285,6 @@ def tiktoken_cache_dir() -> str:
 def tiktoken_cache_path(url: str) -> str:
     """The file tiktoken reads for `url` without a download: <cache dir>/<sha1 of the URL>."""
     return os.path.join(tiktoken_cache_dir(), hashlib.sha1(url.encode()).hexdigest())
-
-
-def network_available(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """One TCP connect with a timeout: a quick answer instead of a request that stalls offline."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _load_named(name: str) -> Tokenizer:
@@ -405,53 +384,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, name: str,
 
 def train_default(vocab_size: int = DEFAULT_VOCAB_SIZE, name: str = DEFAULT_NAME) -> Tokenizer:
     """The default tokenizer: rustbpe on the built-in corpus (deterministic for a given Python version)."""
-    from blues.data import builtin_corpus, builtin_corpus_info
-
     tok = train_tokenizer(builtin_corpus(), vocab_size, name)
     tok.extra["trained_on"] = builtin_corpus_info()
     return tok
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m blues.tokenizer", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a byte-level BPE and save it (the default: --out blues/assets)")
-    t.add_argument("--out", required=True, help="folder to write tokenizer.tiktoken + tokenizer.json into")
-    t.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="ids incl. special tokens")
-    t.add_argument("--input_dir", default=None, help="train on these files (as blues-prepare reads them); "
-                                                     "default: the built-in corpus")
-    t.add_argument("--text_field", default="text")
-    t.add_argument("--name", default=None, help=f"default: {DEFAULT_NAME} on the built-in corpus, else the folder name")
-    t.add_argument("--allow_smaller", action="store_true", help="keep a smaller vocabulary when the corpus stops early")
-    i = sub.add_parser("info", help="load a tokenizer and print its name, size and sha256")
-    i.add_argument("tokenizer", nargs="?", default="default")
-    args = p.parse_args(argv)
-    try:
-        if args.cmd == "info":
-            t0 = time.perf_counter()
-            tok = Tokenizer.load(args.tokenizer)
-            print(f"{tok.name}: n_vocab={tok.n_vocab} eot_id={tok.eot_id} sha256={tok.sha256} "
-                  f"(loaded in {time.perf_counter() - t0:.3f} s from {tok.source})")
-            return 0
-        t0 = time.perf_counter()
-        if args.input_dir is None:
-            tok = train_default(args.vocab_size, args.name or DEFAULT_NAME)
-        else:
-            from blues.data import iter_input_dir
-            name = args.name or os.path.basename(os.path.abspath(args.input_dir))
-            docs = (text for text, _ in iter_input_dir(args.input_dir, args.text_field))
-            tok = train_tokenizer(docs, args.vocab_size, name, allow_smaller=args.allow_smaller)
-        tok.save(args.out)
-        print(f"trained {tok.name}: n_vocab={tok.n_vocab} (asked {args.vocab_size}) sha256={tok.sha256} "
-              f"in {time.perf_counter() - t0:.2f} s -> {os.path.join(args.out, CONFIG_FILE)}")
-        return 0
-    except (ValueError, OSError) as e:
-        msg = str(e) if isinstance(e, ValueError) else f"{e.strerror or e}: {e.filename or ''}"
-        print(f"python -m blues.tokenizer: error: {' '.join(msg.split())}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
