@@ -4,7 +4,7 @@ The per-rank entry the deepspeed launcher runs; the same as `deepspeed --module 
 """
 import sys
 
-from blues.train import main
+from blues.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

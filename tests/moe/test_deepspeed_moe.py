@@ -1,11 +1,11 @@
-"""blues.moe_deepspeed on one process (ep_size=1, no process group): same function as the stacked
+"""blues.moe.deepspeed_moe on one process (ep_size=1, no process group): same function as the stacked
 backend where DeepSpeed allows, and the stacked-layout conversion both ways."""
 import pytest
 import torch
 
 from blues.config import tiny
 from blues.model import Blues
-from blues import moe_deepspeed as md
+from blues.moe import deepspeed_moe as md
 
 
 def _cfg(**kw):
@@ -58,7 +58,7 @@ def test_capacity_counts_kept_and_dropped():
     m = Blues(cfg)
     x = torch.randint(0, 4096, (3, 16))
     out = m(x, x)
-    cap = md.capacity(cfg, 48)
+    cap = cfg.moe.capacity(48)
     assert cap == 12
     assert int(out.expert_counts.max()) <= cap
     assert int(out.expert_counts.sum()) + int(out.dropped) == 2 * 48 * 2  # kept + dropped = layers * N * K

@@ -4,6 +4,9 @@ Each launch costs about 15-25 s on 2 cores (imports and process-group set-up dom
 of the 64-wide model take ~0.1 s), so launches are shared between assertions where that is
 honest, and each test says which launch it reads. The first launch of a CI run JIT-builds
 DeepSpeed's comm op (~50 s, cached in ~/.cache/torch_extensions).
+
+Every launch here leaves none of DeepSpeed's /dev/shm allreduce buffers (66 MB per rank) behind,
+whatever its exit: normal, by SIGUSR1, a rank SIGKILLed mid-save, non-finite losses (exit 3).
 """
 from __future__ import annotations
 
@@ -11,45 +14,53 @@ import csv
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from blues.common import free_port
+from blues.train.ds_config import DS_CONFIG_DIR
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 DEEPSPEED = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DS = os.path.join(REPO, "ds_configs")
+DS = DS_CONFIG_DIR
 # 64 wide, 32 tokens, 4 sequences per rank: a 2-layer, 4-expert top-2 model (tiny preset otherwise)
 SMALL = ["n_embd=64", "block_size=32", "micro_batch_size=4", "log_interval=1", "warmup_steps=5"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cmd(args: list[str]) -> list[str]:
-    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "blues.train",
+def _cmd(args: list[str], port: int) -> list[str]:
+    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "--module", "blues.train",
             "--progress", "off", *args]
 
 
+def shm_buffers(port: int) -> list[str]:
+    """DeepSpeed's /dev/shm allreduce buffers of the launch whose master port is `port` (any rank)."""
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in n)
+
+
 def launch(args: list[str], cwd, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one launch to its end; its ranks' /dev/shm buffers must be gone by then."""
     e = dict(os.environ, **(env or {}))
-    return subprocess.run(_cmd(args), cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    port = free_port()
+    assert shm_buffers(port) == []
+    p = subprocess.run(_cmd(args, port), cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    assert shm_buffers(port) == [], f"launch exited {p.returncode} and left {shm_buffers(port)}"
+    return p
 
 
 def start(args: list[str], cwd, env: dict | None = None) -> subprocess.Popen:
     """A launch in its own session, with USR1 ignored by the launcher processes (the workers set
     their own handler): how a batch script must start deepspeed to deliver USR1 (see facts notes)."""
     e = dict(os.environ, **(env or {}))
-    cmd = "trap '' USR1; exec " + " ".join(_cmd(args))
-    return subprocess.Popen(["bash", "-c", cmd], cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    port = free_port()
+    cmd = "trap '' USR1; exec " + " ".join(_cmd(args, port))
+    p = subprocess.Popen(["bash", "-c", cmd], cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    p.master_port = port  # for shm_buffers() once it has ended
+    return p
 
 
 def losses(out_dir) -> dict[int, float]:
@@ -76,9 +87,9 @@ def ok(p: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from blues.data import prepare
+    from blues.data.prepare import prepare
     d = tmp_path_factory.mktemp("data")
-    prepare(cache_dir=str(d), progress=False)
+    prepare(str(d), progress=False)
     return str(d)
 
 
@@ -192,6 +203,7 @@ def test_sigusr1_saves_exits_0_and_zero3_resume_is_exact(zero3_reference, tmp_pa
     os.killpg(p.pid, signal.SIGUSR1)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-4000:]
+    assert shm_buffers(p.master_port) == []  # stopped by a signal: each rank removed its buffer
     stopped = [l for l in out.splitlines() if l.startswith("stopped by a signal after step")]
     assert stopped, out[-3000:]
     k = int(stopped[0].split("after step ")[1].split(":")[0])
@@ -227,6 +239,7 @@ def test_rank_killed_mid_save_no_hang_resume_from_last_complete(tmp_path, data_d
             t_step10 = time.time()
     p.wait(timeout=120)
     out = "".join(lines)
+    assert shm_buffers(p.master_port) == []  # rank 1 SIGKILLed, rank 0 killed by the launcher
     assert t_step10 is not None, out[-3000:]
     assert p.returncode != 0
     assert time.time() - t_step10 < 60, "the launcher took more than 60 s to give up after the kill"

@@ -23,7 +23,9 @@ from typing import Any, Optional
 
 from blues.config import BluesConfig
 
-DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+# <repo>/ds_configs; this file is <repo>/blues/train/ds_config.py
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DS_CONFIG_DIR = os.path.join(_REPO, "ds_configs")
 
 # Used when no --deepspeed_config is given; equal to ds_configs/zero2.json (tests check it).
 BUILTIN_DS_CONFIG: dict[str, Any] = {
@@ -83,8 +85,9 @@ def _fill(ds: dict, key: str, blues_value: Any, blues_name: str, where: str = ""
 
 
 def check_parallelism(cfg: BluesConfig, world_size: int, stage: int) -> None:
-    """The combination of MoE backend, expert parallelism, ZeRO stage and world size."""
-    ep, E, backend = cfg.train.ep_size, cfg.moe.num_experts, cfg.moe.moe_backend
+    """The combination of MoE backend, expert parallelism, ZeRO stage and world size. (ep_size
+    dividing num_experts is BluesConfig's own check: a config cannot exist without it.)"""
+    ep, backend = cfg.train.ep_size, cfg.moe.moe_backend
     if backend == "deepspeed" and stage == 3:
         raise ValueError("moe_backend=deepspeed cannot run under ZeRO stage 3 (DeepSpeed refuses its MoE layer "
                          "there): use moe_backend=torch (or triton on CUDA; stacked experts, every expert on every "
@@ -92,8 +95,6 @@ def check_parallelism(cfg: BluesConfig, world_size: int, stage: int) -> None:
     if ep > 1 and backend != "deepspeed":
         raise ValueError(f"ep_size={ep} needs moe_backend=deepspeed (got {backend!r}): the stacked backends keep "
                          "every expert on every rank; set ep_size=1 or moe_backend=deepspeed")
-    if E % ep:
-        raise ValueError(f"ep_size={ep} is invalid: must divide num_experts={E}")
     if world_size % ep:
         raise ValueError(f"ep_size={ep} is invalid: must divide the world size {world_size} (number of ranks)")
 
@@ -129,7 +130,8 @@ def resolve_ds_config(ds: dict[str, Any], cfg: BluesConfig, world_size: int,
     for name in ("bf16", "fp16"):
         section = ds.setdefault(name, {})
         if not isinstance(section, dict):
-            raise ValueError(f"DeepSpeed config {name!r} must be an object like {{\"enabled\": \"auto\"}}, got {section!r}")
+            raise ValueError(f"DeepSpeed config {name!r} must be an object like {{\"enabled\": \"auto\"}}, "
+                             f"got {section!r}")
         want = t.dtype == name
         have = section.get("enabled", "auto" if want else False)
         if have != "auto" and bool(have) != want:

@@ -1,4 +1,4 @@
-"""blues.ds_config: every ds_configs/*.json loads and resolves; "auto" is filled from the Blues config;
+"""blues.train.ds_config: every ds_configs/*.json loads and resolves; "auto" is filled from the Blues config;
 contradictions name both values."""
 import glob
 import json
@@ -7,8 +7,14 @@ import os
 import pytest
 
 from blues.config import tiny
-from blues.ds_config import (BUILTIN_DS_CONFIG, DS_CONFIG_DIR, check_parallelism, load_ds_config, resolve_ds_config,
-                             zero_stage)
+from blues.train.ds_config import (
+    BUILTIN_DS_CONFIG,
+    DS_CONFIG_DIR,
+    check_parallelism,
+    load_ds_config,
+    resolve_ds_config,
+    zero_stage,
+)
 
 DS_FILES = sorted(glob.glob(os.path.join(DS_CONFIG_DIR, "*.json")))
 

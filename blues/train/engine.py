@@ -1,0 +1,205 @@
+"""Build a DeepSpeed engine for a Blues config: small ordered steps, called from build_engine only,
+in this order (torchtitan style, one place, one order):
+
+    init_distributed -> validate (once per start) -> prepare_data -> build_model -> apply_ac
+    -> apply_zero3_leaf -> build_optimizer -> deepspeed.initialize -> seed_ranks -> build_loaders
+
+validate() does every check that needs no process group and returns the resolved DeepSpeed config;
+blues-train calls it before it starts anything and hands its result to build_engine(validated=True),
+so nothing is checked twice.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from blues.config import BluesConfig
+from blues.train.debug import DebugConfig
+from blues.train.distributed import DistInfo, barrier, init_distributed
+from blues.train.ds_config import BUILTIN_DS_CONFIG, offloads_optimizer, resolve_ds_config, zero_stage
+from blues.train.metrics import flops_per_token, peak_flops_per_rank
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything a training loop needs; build_engine makes it."""
+    cfg: BluesConfig
+    ds_config: dict
+    engine: Any
+    model: Any
+    dist: DistInfo
+    stage: int
+    tokenizer: Any = None
+    data_meta: Optional[dict] = None
+    loader: Any = None
+    val_loader: Any = None
+    step: int = 0
+    tokens_seen: int = 0
+    bad_in_a_row: int = 0
+    skipped_steps: int = 0
+    num_moe_layers: int = 0
+    flops_per_token: int = 0
+    peak_flops: float = 0.0
+    stop_signal: Optional[str] = None
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum * self.dist.world_size * self.cfg.model.block_size
+
+
+def validate(cfg: BluesConfig, ds_config: dict, world_size: int) -> dict:
+    """Every check that needs no process group: ValueError naming the field. Returns the resolved DS config."""
+    ds = resolve_ds_config(ds_config, cfg, world_size, monitor_dir=os.path.join(cfg.train.out_dir, "monitor"))
+    if cfg.train.dtype == "fp16" and not torch.cuda.is_available():
+        raise ValueError("dtype=fp16 needs a GPU (DeepSpeed's CPU accelerator refuses fp16): use dtype=bf16 or fp32 "
+                         "on CPU")
+    if cfg.moe.moe_backend == "deepspeed":
+        from blues.moe.deepspeed_moe import check_deepspeed_moe_config
+        check_deepspeed_moe_config(cfg)
+    return ds
+
+
+def prepare_data(cfg: BluesConfig, rank: int):
+    """(data meta, tokenizer) of cfg.train.data_dir; rank 0 prepares the built-in corpus there when
+    it holds no prepared data, the other ranks wait for it."""
+    from blues.data.prepare import ensure_prepared
+    from blues.data.tokenizer import Tokenizer, check_vocab
+
+    d = cfg.train.data_dir
+    meta = ensure_prepared(d, progress=False) if rank == 0 else None
+    barrier()
+    if meta is None:
+        meta = ensure_prepared(d)  # prepared by rank 0 by now: this only reads its meta
+    tok = Tokenizer.load(d)
+    check_vocab(tok, cfg.model.vocab_size, what="model")
+    return meta, tok
+
+
+def build_model(cfg: BluesConfig):
+    """The Blues model on CPU, seeded by cfg.train.seed (the same on every rank)."""
+    from blues.model import Blues
+
+    torch.manual_seed(cfg.train.seed)
+    return Blues(cfg)
+
+
+def apply_ac(model, cfg: BluesConfig) -> None:
+    """Activation checkpointing: recompute each block in backward."""
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+
+def apply_zero3_leaf(model, stage: int) -> None:
+    """Under ZeRO 3, fetch each stacked-experts MoE layer as one unit.
+
+    blues.moe.MoE reads its router's and experts' weights as attributes (no submodule call), so ZeRO 3's
+    per-module hooks do not fetch them; DeepSpeed then gathers each one on first access (ZeROOrderedDict)
+    in code order. Marking MoE a leaf module gathers all of its parameters, every expert whatever the
+    routing, on every rank before the layer runs (and again for its backward): the same collectives in
+    the same order on all ranks, whatever each rank's tokens chose, so no rank waits on another."""
+    if stage != 3:
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from blues.moe import MoE
+    if any(isinstance(m, MoE) for m in model.modules()):
+        set_z3_leaf_modules(model, [MoE])
+
+
+def build_optimizer(model, cfg: BluesConfig, ds: dict):
+    """AdamW; weight decay on matrices only; DeepSpeed MoE expert parameters in their own groups.
+
+    With ZeRO-Offload: DeepSpeedCPUAdam on CUDA machines (its C++ op JIT-builds once, ~3 min
+    measured on the 2-core CPU machines, which is why CPU runs use torch's AdamW there)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    t = cfg.train
+    groups = [{"name": "decay", "params": decay, "weight_decay": t.weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.moe.moe_backend == "deepspeed":
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    if offloads_optimizer(ds) and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    if offloads_optimizer(ds):
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return torch.optim.AdamW(groups, **kw)
+
+
+def seed_ranks(cfg: BluesConfig, rank: int) -> None:
+    """Routing noise and dropout differ per rank from here on; the weights were seeded alike."""
+    seed = cfg.train.seed + 1000 * rank
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_loaders(run: Run) -> None:
+    from blues.data.loader import TokenLoader
+    c, d = run.cfg, run.dist
+    kw = dict(block_size=c.model.block_size, batch_size=c.train.micro_batch_size, seed=c.train.seed,
+              rank=d.rank, world_size=d.world_size)
+    run.loader = TokenLoader(c.train.data_dir, "train", **kw)
+    run.val_loader = TokenLoader(c.train.data_dir, "val", **kw)
+
+
+def build_engine(cfg: BluesConfig, ds_config: Optional[dict] = None, *, with_data: bool = True,
+                 dist: Optional[DistInfo] = None, validated: bool = False,
+                 debug: Optional[DebugConfig] = None) -> Run:
+    """Build the DeepSpeed engine for `cfg` from a DeepSpeed config dict (default: the built-in ZeRO 2).
+
+    ds_config: a raw config (its "auto" fields are filled here by validate), or with validated=True
+    the dict validate() returned for this world size, used as it is. with_data=False skips the corpus
+    and loaders (train_steps then feeds random tokens). debug: the test-only fault injection, read
+    from the environment when not given."""
+    import deepspeed
+
+    dist = dist or init_distributed()
+    if validated:
+        assert ds_config is not None, "validated=True needs the ds_config that validate() returned"
+        ds = ds_config
+    else:
+        ds = validate(cfg, ds_config if ds_config is not None else BUILTIN_DS_CONFIG, dist.world_size)
+    stage = zero_stage(ds)
+    meta = tok = None
+    if with_data:
+        meta, tok = prepare_data(cfg, dist.rank)
+    model = build_model(cfg)
+    apply_ac(model, cfg)
+    apply_zero3_leaf(model, stage)
+    optimizer = build_optimizer(model, cfg, ds)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    seed_ranks(cfg, dist.rank)
+    run = Run(cfg=cfg, ds_config=ds, engine=engine, model=engine.module, dist=dist, stage=stage, tokenizer=tok,
+              data_meta=meta, debug=debug if debug is not None else DebugConfig.from_env())
+    run.num_moe_layers = sum(cfg.moe.is_moe_layer(i) for i in range(cfg.model.n_layer))
+    run.flops_per_token = flops_per_token(run.model, cfg)
+    run.peak_flops = peak_flops_per_rank(dist, cfg.train.dtype)
+    if with_data:
+        build_loaders(run)
+    return run
+
+
+def describe(run: Run) -> str:
+    """One line of what this rank holds (tests read the expert-parameter counts)."""
+    from blues.moe.deepspeed_moe import num_local_expert_params
+    # under ZeRO 3 a rank holds its partition (ds_tensor) of each parameter
+    n = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in run.model.parameters())
+    n_exp = num_local_expert_params(run.model)
+    c = run.cfg
+    return (f"rank {run.dist.rank}/{run.dist.world_size}: {n:,} parameters here, {n_exp:,} of them DeepSpeed-expert "
+            f"parameters | ZeRO {run.stage} | moe_backend={c.moe.moe_backend} ep_size={c.train.ep_size} | "
+            f"dtype={c.train.dtype} | {run.tokens_per_step:,} tokens/step | {run.flops_per_token:,} FLOPs/token")

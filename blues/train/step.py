@@ -1,0 +1,151 @@
+"""One optimizer step, n of them, and the validation loss.
+
+Learning rate (alpha_max = lr, alpha_min = min_lr, T_w = warmup_steps, T_c = lr_decay_steps or
+max_steps), for the optimizer step t = 0, 1, ...:
+    t <  T_w:          alpha_max * (t + 1) / T_w
+    T_w <= t <= T_c:   alpha_min + (alpha_max - alpha_min) * (1 + cos(pi * (t - T_w) / (T_c - T_w))) / 2
+    t >  T_c:          alpha_min
+A step whose loss is not finite is skipped (no update) but still consumes its data and its t.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from blues.config import TrainConfig
+from blues.train.distributed import all_reduce
+from blues.train.engine import Run
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, cosine decay, floor."""
+    T_w, T_c = t.warmup_steps, (t.lr_decay_steps if t.lr_decay_steps is not None else t.max_steps)
+    if step < T_w:
+        return t.lr * (step + 1) / T_w
+    if step > T_c or T_c <= T_w:
+        return t.min_lr
+    progress = (step - T_w) / (T_c - T_w)
+    return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StepResult:
+    step: int  # 1-based number of the step just taken
+    loss: float  # mean over micro-batches and ranks (nan when skipped)
+    ce_loss: float
+    aux_loss: float
+    z_loss: float
+    lr: float
+    grad_norm: Optional[float]
+    seconds: float
+    skipped: bool
+    stop_signal: bool
+    expert_load_min: float = float("nan")  # min over layers and experts of the share of assignments
+    expert_load_max: float = float("nan")
+    dropped_frac: float = 0.0
+
+
+def _set_lr(engine, lr: float) -> None:
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr
+
+
+def _random_batch(run: Run):
+    c = run.cfg
+    x = torch.randint(0, c.model.vocab_size, (c.train.micro_batch_size, c.model.block_size + 1))  # (B, T+1)
+    return x[:, :-1], x[:, 1:]
+
+
+def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
+    """One optimizer step over grad_accum micro-batches on every rank (collective).
+
+    A non-finite loss on any rank (agreed by an all-reduce before backward) skips the step: with
+    no backward taken yet nothing is applied; if it appears after earlier micro-batches were
+    already accumulated, the step goes through DeepSpeed, which drops non-finite gradients under
+    ZeRO 1/2/3 and with bf16/fp16 (measured: ZeRO 2 and 3 in fp32 skip); where it applies them
+    (fp32 under ZeRO 0) training stops with an error, saving nothing."""
+    engine, c, dev = run.engine, run.cfg, run.dist.device
+    t0 = time.perf_counter()
+    lr = lr_at(run.step, c.train)
+    _set_lr(engine, lr)
+    engine.train()
+    get = batch_fn or (run.loader.next_batch if run.loader is not None else lambda: _random_batch(run))
+    grad_accum = c.train.grad_accum
+    E, L = c.moe.num_experts, run.num_moe_layers
+    sums = torch.zeros(6 + L * E, dtype=torch.float64)  # loss ce aux z dropped stop | counts (L*E)
+    bad_at = None
+    for micro in range(grad_accum):
+        x, y = get()
+        if bad_at == 0:
+            continue  # skipped step: consume the data, compute nothing
+        out = engine(x.to(dev), y.to(dev))
+        nan_here = run.dist.rank == 0 and run.debug.nan_at(run.step + 1, micro)
+        loss = out.loss * float("nan") if nan_here else out.loss
+        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device=dev)
+        if all_reduce(flag, "max").item() > 0 and bad_at is None:
+            bad_at = micro
+            if micro == 0:
+                continue
+        engine.backward(loss)
+        engine.step()
+        sums[0] += loss.detach().item()
+        sums[1] += out.ce_loss.detach().item()
+        sums[2] += out.aux_loss.detach().item()
+        sums[3] += out.z_loss.detach().item()
+        sums[4] += out.dropped.detach().item()
+        if out.expert_counts is not None:
+            sums[6:] += out.expert_counts.detach().double().cpu().reshape(-1)
+    skipped = bad_at is not None
+    if skipped and bad_at > 0 and engine.was_step_applied():
+        raise FloatingPointError(
+            f"step {run.step + 1}: a non-finite loss appeared after {bad_at} accumulated micro-batches and this "
+            f"configuration (dtype={c.train.dtype}, ZeRO {run.stage}) applied the step anyway; stopping without "
+            "saving (the last checkpoint is intact)")
+    sums[5] = 1.0 if run.stop_signal else 0.0
+    sums = all_reduce(sums.to(dev)).cpu()
+    n = grad_accum * run.dist.world_size
+    gn = None if skipped else engine.get_global_grad_norm()
+    res = StepResult(step=run.step + 1, loss=float("nan") if skipped else sums[0].item() / n,
+                     ce_loss=sums[1].item() / n, aux_loss=sums[2].item() / n, z_loss=sums[3].item() / n,
+                     lr=lr, grad_norm=None if gn is None else float(gn), seconds=0.0, skipped=skipped,
+                     stop_signal=sums[5].item() > 0)
+    if L and not skipped:
+        counts = sums[6:].view(L, E)
+        share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        res.expert_load_min, res.expert_load_max = share.min().item(), share.max().item()
+        assigned = n * c.train.micro_batch_size * c.model.block_size * c.moe.top_k * L
+        res.dropped_frac = sums[4].item() / assigned
+    run.step += 1
+    run.tokens_seen += run.tokens_per_step
+    if skipped:
+        run.bad_in_a_row += 1
+        run.skipped_steps += 1
+    else:
+        run.bad_in_a_row = 0
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def train_steps(run: Run, n: int, batch_fn: Optional[Callable] = None) -> list[StepResult]:
+    """Run n optimizer steps (no evaluation, logging or checkpoints): for probes and benchmarks."""
+    return [train_step(run, batch_fn) for _ in range(n)]
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Validation cross-entropy (mean over eval_steps batches and ranks) and its perplexity."""
+    engine = run.engine
+    engine.eval()
+    s = torch.zeros(2, dtype=torch.float64)
+    for x, y in run.val_loader.eval_batches(run.cfg.train.eval_steps):
+        out = engine(x.to(run.dist.device), y.to(run.dist.device))
+        s[0] += out.ce_loss.item() * x.numel()
+        s[1] += x.numel()
+    engine.train()
+    s = all_reduce(s.to(run.dist.device)).cpu()
+    val = s[0].item() / max(1.0, s[1].item())
+    return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}

@@ -1,0 +1,31 @@
+"""blues.train.distributed names DeepSpeed's /dev/shm allreduce buffer as DeepSpeed does (the runs
+that remove it are in test_distributed.py and test_cli.py)."""
+import os
+import re
+
+import pytest
+
+from blues.train.distributed import remove_shm_buffer, shm_buffer_path
+
+
+def test_name_matches_deepspeeds_format():
+    import deepspeed
+    src = os.path.join(os.path.dirname(deepspeed.__file__), "ops", "csrc", "cpu", "comm", "shm.cpp")
+    if not os.path.isfile(src):
+        pytest.skip(f"DeepSpeed's sources are not installed ({src})")
+    text = open(src, encoding="utf-8").read()
+    # the two snprintf formats the path is built from: prefix_uid_addr_port, then _rank
+    assert '#define SHM_BUFFER_NAME "deepspeed_allreduce_buffer"' in text
+    assert re.search(r'"%s_%d_%s_%s",\s*SHM_BUFFER_NAME,\s*getuid\(\),\s*addr_string,\s*port_string', text)
+    assert re.search(r'snprintf\(shm_name, NAME_BUF_SIZE, "%s_%d", shm_name_prefix, rank\)', text)
+    path = shm_buffer_path(1, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"})
+    assert path == f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29511_1"
+
+
+def test_remove_is_idempotent_and_touches_only_its_file(tmp_path):
+    mine, other = tmp_path / "a_29511_0", tmp_path / "a_29511_1"
+    mine.write_bytes(b"x")
+    other.write_bytes(b"x")
+    remove_shm_buffer(str(mine))
+    remove_shm_buffer(str(mine))  # the atexit hook repeats it: no error
+    assert not mine.exists() and other.exists()
