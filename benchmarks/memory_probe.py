@@ -37,7 +37,7 @@ CPU_MODEL = ["n_embd=64", "n_layer=1", "n_head=4", "num_kv_heads=1", "block_size
 
 
 def probe(args, out_dir: str, *extra: str) -> tuple[dict, float]:
-    cmd = [sys.executable, "-m", "blues.memory_probe", "--deepspeed_config", args.deepspeed_config,
+    cmd = [sys.executable, "-m", "blues.cli.probe", "--deepspeed_config", args.deepspeed_config,
            "--nproc_per_node", str(args.nproc), "--device", args.device, "--headroom", str(args.headroom),
            "--max_micro_batch", str(args.max_micro_batch), "--out_dir", out_dir, *extra]
     if args.preset:
@@ -63,8 +63,9 @@ def estimate_errors(report: dict) -> dict:
     marginal = [t["marginal"]["error"] for t in report["trials"]
                 if t.get("marginal") and t["marginal"]["error"] is not None]
     worst = lambda xs: max(xs, key=abs) if xs else None  # noqa: E731
-    return {"estimate_error_worst": worst(total), "estimate_error_at_choice": next(
-                (t["estimate_error"] for t in report["trials"] if t["micro_batch"] == report["micro_batch_size"]), None),
+    at_choice = next((t["estimate_error"] for t in report["trials"]
+                      if t["micro_batch"] == report["micro_batch_size"]), None)
+    return {"estimate_error_worst": worst(total), "estimate_error_at_choice": at_choice,
             "marginal_error_worst": worst(marginal),
             "by_micro_batch": {t["micro_batch"]: {"estimate": t["estimate"]["total"],
                                                   "measured": t.get("measured_for_estimate"),

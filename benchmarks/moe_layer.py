@@ -404,7 +404,7 @@ def measure_once(impl: Impl, dy: torch.Tensor, clock: Clock) -> dict:
     holder = {}
     fwd = clock.time(lambda: holder.__setitem__("out", impl.forward()))
     out = holder.pop("out")
-    bwd = clock.time(lambda: out.backward(dy))
+    bwd = clock.time(lambda o=out: o.backward(dy))
     del out
     _zero(impl)
     both = clock.time(lambda: impl.forward().backward(dy))
@@ -429,7 +429,8 @@ def peak_memory(impl: Impl, dy: torch.Tensor, device: str) -> Optional[int]:
     try:
         from torch.profiler import ProfilerActivity, profile
         from torch.profiler._memory_profiler import MemoryProfileTimeline
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
             impl.forward().backward(dy)
         _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
         totals = [sum(s) for s in sizes]
@@ -470,7 +471,8 @@ def run(args) -> list:
             T, D, Fh, E, K = SHAPES[shape]
             counts = p["counts"]
             print(f"\n== {shape} T={T} D={D} F={Fh} E={E} K={K} {args.dtype} {routing}: busiest expert "
-                  f"{counts.max().item()} / mean {T * K / E:.0f} assignments (DeepSpeed no-drop pads every expert to it)")
+                  f"{counts.max().item()} / mean {T * K / E:.0f} assignments "
+                  "(DeepSpeed no-drop pads every expert to it)")
             pressure_before = cpu_pressure()
             impls = []
             for name in args.impls:
@@ -482,7 +484,8 @@ def run(args) -> list:
                 impls.append(build_impl(name, p))
             errs = check_outputs(impls, p)
             for name, e in errs.items():
-                print(f"  {name:18s} max|out - blues_torch| / max|out| = {e:.1e}{'  (drops tokens)' if name.startswith('ds_cf') else ''}")
+                drops = '  (drops tokens)' if name.startswith('ds_cf') else ''
+                print(f"  {name:18s} max|out - blues_torch| / max|out| = {e:.1e}{drops}")
             for _ in range(args.warmup):
                 for impl in impls:
                     measure_once(impl, p["dy"], clock)
@@ -497,7 +500,7 @@ def run(args) -> list:
                    for n, v in samples.items()}
             best = {n: {k: min(s[k] for s in v) for k in ("fwd", "bwd", "fwd_bwd")} for n, v in samples.items()}
 
-            def paired(a: str, b: str) -> Optional[float]:
+            def paired(a: str, b: str, samples=samples) -> Optional[float]:
                 """Median over repetitions of time(a) / time(b) within the same repetition."""
                 if a not in samples or b not in samples:
                     return None
@@ -509,7 +512,8 @@ def run(args) -> list:
                 m, bst = med[impl.name], best[impl.name]
                 mem = peak_memory(impl, p["dy"], device) if args.memory else None
                 row = dict(benchmark="moe_layer", impl=impl.name, shape=shape, T=T, D=D, F=Fh, E=E, K=K,
-                           dtype=args.dtype, device=device, routing=routing, zipf_s=args.zipf_s if routing == "zipf" else None,
+                           dtype=args.dtype, device=device, routing=routing,
+                           zipf_s=args.zipf_s if routing == "zipf" else None,
                            busiest_expert=counts.max().item(), fwd_s=m["fwd"], bwd_s=m["bwd"], fwd_bwd_s=m["fwd_bwd"],
                            min_fwd_s=bst["fwd"], min_bwd_s=bst["bwd"], min_fwd_bwd_s=bst["fwd_bwd"],
                            max_fwd_bwd_s=max(s["fwd_bwd"] for s in samples[impl.name]),
@@ -531,7 +535,8 @@ def run(args) -> list:
             blues_name = "blues_triton" if device == "cuda" else "blues_torch"
             for b in (blues_name, blues_name + "_5ops"):
                 if b in med and "ds_nodrop" in med:
-                    print(f"  ds_nodrop / {b} (fwd+bwd): median {med['ds_nodrop']['fwd_bwd'] / med[b]['fwd_bwd']:.2f}x, "
+                    ratio = med['ds_nodrop']['fwd_bwd'] / med[b]['fwd_bwd']
+                    print(f"  ds_nodrop / {b} (fwd+bwd): median {ratio:.2f}x, "
                           f"min {best['ds_nodrop']['fwd_bwd'] / best[b]['fwd_bwd']:.2f}x, "
                           f"paired {paired('ds_nodrop', b):.2f}x")
             del impls

@@ -56,11 +56,11 @@ def main(argv=None) -> int:
         print("train_throughput: error: --gpu needs CUDA", file=sys.stderr)
         return 1
     from blues import train as T
-    from blues.data import prepare
-    from blues.ds_config import BUILTIN_DS_CONFIG
+    from blues.data.prepare import prepare
+    from blues.train.ds_config import BUILTIN_DS_CONFIG
 
     data = os.path.join(tempfile.gettempdir(), "blues_bench_data")
-    prepare(cache_dir=data, progress=False)
+    prepare(data_dir=data, progress=False)
     dist = T.init_distributed()
     runs, info = {}, {}
     for name, cfg in configs(args.gpu).items():
@@ -90,12 +90,14 @@ def main(argv=None) -> int:
 
     peak = runs["moe"].peak_flops
     row = {"benchmark": "train_throughput", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "device": torch.cuda.get_device_name() if args.gpu else f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})",
+           "device": (torch.cuda.get_device_name() if args.gpu
+                      else f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})"),
            "torch": torch.__version__, "deepspeed": __import__("deepspeed").__version__,
            "dtype": runs["moe"].cfg.train.dtype, "steps_per_round": args.steps, "rounds": args.rounds,
            "tokens_per_step": runs["moe"].tokens_per_step, "loadavg_before_after": [load_before[0], load_after[0]],
            "peak_flops": peak}
-    print(f"{'model':<6} {'params':>12} {'active':>12} {'FLOPs/token':>12} {'best tok/s':>11} {'median tok/s':>13} {'MFU':>7}")
+    print(f"{'model':<6} {'params':>12} {'active':>12} {'FLOPs/token':>12} {'best tok/s':>11} "
+          f"{'median tok/s':>13} {'MFU':>7}")
     for name in runs:
         best, med = max(tps[name]), statistics.median(tps[name])
         mfu = info[name]["flops_per_token"] * best / peak if peak else None

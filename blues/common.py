@@ -135,7 +135,7 @@ def run_cli(prog: str, body: Callable[[], Optional[int]],
 
 
 
-def add_alias(parser: argparse.ArgumentParser, old: str, dest: str) -> None:
-    """Accept the old spelling `old` of a renamed flag; it stores into `dest` and --help shows only
-    the new name."""
-    parser.add_argument(old, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS)
+def add_alias(parser: argparse.ArgumentParser, old: str, dest: str, **kwargs: Any) -> None:
+    """Accept the old spelling `old` of a renamed flag; it stores into `dest` (converted by the same
+    `type=` as the new flag, passed in kwargs) and --help shows only the new name."""
+    parser.add_argument(old, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)

@@ -314,7 +314,8 @@ class BluesConfig:
             else:
                 d = json.loads(text)
         except Exception as e:  # parse errors of either format
-            raise ValueError(f"config file {path!r} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: {e}") from None
+            kind = 'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'
+            raise ValueError(f"config file {path!r} is not valid {kind}: {e}") from None
         return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:

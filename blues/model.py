@@ -17,10 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from blues.common import atomic_write, atomic_write_json
 from blues.attention import Attention, KVCache, RotaryEmbedding
+from blues.common import atomic_write, atomic_write_json
 from blues.config import BluesConfig
-from blues.moe import MoE, MoEOutput, SwiGLU
+from blues.moe import MoE, SwiGLU
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -103,7 +103,7 @@ class Blues(nn.Module):
         std = self.config.model.init_std
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        for name, p in module.named_parameters(recurse=False):
+        for p in module.parameters(recurse=False):
             if p.dim() == 3:  # stacked expert weights
                 nn.init.normal_(p, mean=0.0, std=std)
 

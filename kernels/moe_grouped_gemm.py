@@ -41,8 +41,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .moe_permute import (_combine, _gather_sum, _inverse_of, _inverse_ref, moe_unpermute_combine,
-                          moe_unpermute_combine_ref)
+from .moe_permute import (
+    _combine,
+    _gather_sum,
+    _inverse_of,
+    _inverse_ref,
+    moe_unpermute_combine,
+    moe_unpermute_combine_ref,
+)
 from .triton_utils import check_triton_inputs, interpret_mode, next_pow2, runnable, tl, triton
 
 
@@ -365,7 +371,8 @@ def _moe_grouped_gemm_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, offsets_ptr,
 def _moe_grouped_swiglu_kernel(x_ptr, gather_ptr, wg_ptr, wu_ptr, g_ptr, u_ptr, h_ptr, offsets_ptr,
                                N, D, F, E, gather_div,
                                stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
-                               GATHER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                               GATHER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                               BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr):
     seg, row0, row_end = _moe_row_tile(offsets_ptr, N, E, tl.program_id(0), BLOCK_M, BLOCK_SEG)
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -428,7 +435,8 @@ def _swiglu_grads(dh, g, u, out_dtype: tl.constexpr):
 def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, g_ptr, u_ptr, dw_ptr, dw2_ptr, offsets_ptr,
                                 K, N_OUT, gather_div,
                                 stride_am, stride_ak, stride_dcm,
-                                GATHER: tl.constexpr, SWIGLU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                                GATHER: tl.constexpr, SWIGLU: tl.constexpr, PRECISION: tl.constexpr,
+                                UPCAST: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     e = tl.program_id(0)
     kk = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -477,7 +485,8 @@ def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, g_ptr, u_ptr, dw_ptr,
 @triton.jit
 def _moe_grouped_swiglu_bwd_dx_kernel(dh_ptr, g_ptr, u_ptr, wg_ptr, wu_ptr, dx_ptr, offsets_ptr,
                                       N, D, F, E, stride_we, stride_wd, stride_wf,
-                                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                                      BLOCK_N: tl.constexpr,
                                       BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr):
     seg, row0, row_end = _moe_row_tile(offsets_ptr, N, E, tl.program_id(0), BLOCK_M, BLOCK_SEG)
     rows = row0 + tl.arange(0, BLOCK_M)

@@ -435,7 +435,8 @@ def moe_permute(x: torch.Tensor, sorted_slots: torch.Tensor, top_k: int) -> torc
 
 def moe_unpermute_combine(y: torch.Tensor, inverse: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """Triton launcher with `moe_unpermute_combine_ref`'s contract (fp32 weighted gather-sum, no atomics)."""
-    if y.dim() != 2 or topk_weights.dim() != 2 or inverse.numel() != topk_weights.numel() or y.shape[0] != inverse.numel():
+    if (y.dim() != 2 or topk_weights.dim() != 2 or inverse.numel() != topk_weights.numel()
+            or y.shape[0] != inverse.numel()):
         raise ValueError(f"moe_unpermute_combine: expected y (S, D), inverse (S,), topk_weights (T, K) with S = T*K, "
                          f"got {tuple(y.shape)}, {tuple(inverse.shape)}, {tuple(topk_weights.shape)}")
     check_triton_inputs("moe_unpermute_combine", y, inverse, topk_weights)

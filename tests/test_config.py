@@ -14,7 +14,8 @@ def test_every_preset_is_valid_and_round_trips(name):
 
 def test_blues01_preset_matches_the_spec():
     c = get_preset("blues01")
-    assert (c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.num_kv_heads, c.model.block_size) == (6, 8, 512, 2, 512)
+    m = c.model
+    assert (m.n_layer, m.n_head, m.n_embd, m.num_kv_heads, m.block_size) == (6, 8, 512, 2, 512)
     assert (c.moe.num_experts, c.moe.top_k) == (8, 2)
 
 
@@ -24,7 +25,8 @@ def test_blues01_preset_matches_the_spec():
     ({"dropout": -0.1}, r"dropout=-0.1 is invalid"),
     ({"expert_dropout": 1.5}, r"expert_dropout=1.5 is invalid"),
     ({"attn_backend": "xformers"}, r"attn_backend='xformers' is invalid: expected one of auto, flash, sdpa, math"),
-    ({"moe_backend": "megablocks"}, r"moe_backend='megablocks' is invalid: expected one of auto, torch, triton, deepspeed"),
+    ({"moe_backend": "megablocks"},
+     r"moe_backend='megablocks' is invalid: expected one of auto, torch, triton, deepspeed"),
     ({"n_embd": 100, "n_head": 8}, r"n_embd=100 is invalid: must be divisible by n_head=8"),
     ({"capacity_factor": 0}, r"capacity_factor=0(\.0)? is invalid"),
     ({"num_experts": 6, "ep_size": 4}, r"ep_size=4 is invalid: must divide num_experts=6"),

@@ -18,7 +18,8 @@ Semantics, against the stacked backends (blues.moe.MoE):
 - Same: softmax router in fp32 on a bias-free linear gate; top-k selection; the selected weights
   renormalised to sum to 1 for k >= 2; the capacity is MoEConfig.capacity(N), handed to DeepSpeed's
   gate as its min_capacity with capacity_factor 0 (its own float32 ceil((N / E) * cf * K) disagrees
-  with the exact one at rounding edges); capacity_factor=None drops nothing (DeepSpeed's drop_tokens=False); the aux loss and the z-loss
+  with the exact one at rounding edges); capacity_factor=None drops nothing (DeepSpeed's
+  drop_tokens=False); the aux loss and the z-loss
   (both recomputed here from the gate's input with Blues' formulas, see below); shared experts;
   expert dropout.
 - aux_loss: DeepSpeed's own l_aux is not used. Its top-2 form counts only first choices and scales
@@ -58,7 +59,8 @@ from blues.moe.routing import forced_targets
 
 log = logging.getLogger(__name__)
 
-DS_EXPERT_RE = re.compile(r"^(?P<prefix>.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<i>\d+)\.(?P<w>w_gate|w_up|w_down)$")
+DS_EXPERT_RE = re.compile(r"^(?P<prefix>.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\."
+                          r"(?P<i>\d+)\.(?P<w>w_gate|w_up|w_down)$")
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
@@ -84,7 +86,8 @@ def ep_rank_of(global_rank: int, ep_size: int) -> int:
 
 
 def _global_rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class SwiGLUExpert(nn.Module):

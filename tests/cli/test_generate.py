@@ -7,7 +7,6 @@ from blues.config import BluesConfig
 from blues.data.tokenizer import default_tokenizer
 from blues.model import Blues
 
-
 # the model of tests/test_weights.py, which this test came from
 CFG = dict(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32, num_kv_heads=2, num_experts=4, top_k=2,
            expert_ffn_size=24, num_shared_experts=1, num_dense_layers=1)

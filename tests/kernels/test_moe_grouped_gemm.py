@@ -15,9 +15,15 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from blues.kernels import moe_grouped_gemm as gg_module  # noqa: E402
-from blues.kernels.moe_grouped_gemm import (_row_tiles, moe_grouped_down_combine,  # noqa: E402
-                                            moe_grouped_down_combine_ref, moe_grouped_gemm, moe_grouped_gemm_ref,
-                                            moe_grouped_swiglu, moe_grouped_swiglu_ref)
+from blues.kernels.moe_grouped_gemm import (  # noqa: E402
+    _row_tiles,
+    moe_grouped_down_combine,
+    moe_grouped_down_combine_ref,
+    moe_grouped_gemm,
+    moe_grouped_gemm_ref,
+    moe_grouped_swiglu,
+    moe_grouped_swiglu_ref,
+)
 from blues.kernels.moe_permute import moe_permute_indices, moe_permute_indices_ref, moe_unpermute_combine_ref  # noqa: E402
 from blues.kernels.moe_route import moe_route, moe_route_ref  # noqa: E402
 from blues.kernels.triton_utils import compile_for_gpu, cubin_resource_usage, record_launches  # noqa: E402

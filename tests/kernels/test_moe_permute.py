@@ -6,8 +6,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from blues.kernels.moe_permute import (moe_permute, moe_permute_indices, moe_permute_indices_ref,  # noqa: E402
-                                       moe_permute_ref, moe_unpermute_combine, moe_unpermute_combine_ref)
+from blues.kernels.moe_permute import (  # noqa: E402
+    moe_permute,
+    moe_permute_indices,
+    moe_permute_indices_ref,
+    moe_permute_ref,
+    moe_unpermute_combine,
+    moe_unpermute_combine_ref,
+)
 from blues.kernels.triton_utils import compile_for_gpu, cubin_resource_usage, record_launches  # noqa: E402
 
 # permute is a copy (exact in every dtype). combine sums K products in fp32 and rounds once:

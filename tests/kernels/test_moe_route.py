@@ -11,8 +11,14 @@ import torch
 pytest.importorskip("triton")
 
 from blues.kernels.moe_route import load_balancing_loss, moe_route, moe_route_ref, z_loss  # noqa: E402
-from blues.kernels.triton_utils import (TritonUnavailableError, compile_for_gpu, cubin_resource_usage,  # noqa: E402
-                                        record_launches, runnable, triton_available)
+from blues.kernels.triton_utils import (  # noqa: E402
+    TritonUnavailableError,
+    compile_for_gpu,
+    cubin_resource_usage,
+    record_launches,
+    runnable,
+    triton_available,
+)
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1e-5, atol=1e-6)}
 # NOTE: bf16 only changes how the logits are stored; both paths read them and compute in fp32, so the
@@ -45,7 +51,8 @@ def _check_against_ref(logits, top_k, **kw):
     (g_out,) = torch.autograd.grad(loss(out), logits)
     (g_ref,) = torch.autograd.grad(loss(ref), logits)
     assert g_out.dtype == logits.dtype
-    torch.testing.assert_close(g_out.float(), g_ref.float(), **({"rtol": 1e-4, "atol": 1e-5} if logits.dtype == torch.float32
+    torch.testing.assert_close(g_out.float(), g_ref.float(),
+                               **({"rtol": 1e-4, "atol": 1e-5} if logits.dtype == torch.float32
                                                                  else {"rtol": 1e-2, "atol": 1e-2}))
     return out
 
@@ -162,6 +169,7 @@ def test_kernel_built_in_either_mode_runs_interpreted():
     # A kernel decorated while TRITON_INTERPRET was unset (a compiled JITFunction) still runs on CPU
     # once the variable is set: runnable() rebuilds it for the interpreter at launch, once.
     import triton
+
     from blues.kernels.moe_route import _moe_route_kernel
 
     compiled = triton.runtime.jit.JITFunction(_moe_route_kernel.fn)

@@ -22,7 +22,7 @@ def make_moe(E=4, K=2, D=24, Fh=40, capacity_factor=None, shared=0, seed=0, nois
 
 def loop_reference(moe, x):
     """One token at a time, one chosen expert at a time: the definition of the layer."""
-    E, K = moe.cfg.num_experts, moe.cfg.top_k
+    K = moe.cfg.top_k
     ex = moe.experts
     outs = []
     for xt in x.reshape(-1, x.shape[-1]):

@@ -36,7 +36,8 @@ def _run(layer, x, train, seed):
     x = x.clone().requires_grad_()
     torch.manual_seed(seed)  # router noise and expert dropout draw the same numbers in both runs
     out = layer(x)
-    loss = (out.out * torch.linspace(-1, 1, out.out.numel()).view_as(out.out)).sum() + 0.3 * out.aux_loss + 0.2 * out.z_loss
+    probe = torch.linspace(-1, 1, out.out.numel()).view_as(out.out)
+    loss = (out.out * probe).sum() + 0.3 * out.aux_loss + 0.2 * out.z_loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
     return out, x.grad, grads

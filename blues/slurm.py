@@ -1,23 +1,19 @@
-"""blues-submit: write a Slurm batch script for a Blues training run, check it, and submit it.
+"""Slurm for Blues: the batch script of a training run, the checks before submitting it, sbatch.
 
-    blues-submit --config CFG --deepspeed_config ds_configs/zero2.json --nodes 2 --gpus_per_node 8 \
-        --time 12:00:00 --partition gpu [--account A] [--probe] [key=value ...] [--dry-run]
+    job, notes = plan(args, command)   # checks (layout, batch arithmetic, partition) -> Job
+    job.render()                       # launch/blues.sbatch filled for this job
+    sbatch_test_only(path); submit(path)
 
 The script (filled from launch/blues.sbatch) writes a hostfile from the allocation, takes the first
 host as master and a port derived from the job id, and runs one deepspeed launcher per node through
-srun (--hostfile, --no_ssh, --node_rank $SLURM_NODEID). It asks for USR1 {--signal_seconds} s before
-the time limit and --requeue: on USR1 training checkpoints and exits 0, the script requeues the job,
-and the next run resumes from the latest checkpoint. On a CPU-only partition "GPUs per node" means
-processes per node (deepspeed's CPU accelerator, gloo).
-
---dry-run prints the script and checks it without submitting: expert-parallel divisibility, the batch
-arithmetic, the world size against the partition (sinfo) and the whole request (sbatch --test-only)
-when Slurm is reachable.
+srun (--hostfile, --no_ssh, --node_rank $SLURM_NODEID). It asks for USR1 signal_seconds before the
+time limit and --requeue: on USR1 training checkpoints and exits 0, the script requeues the job,
+and the next run resumes from the latest checkpoint. nproc_per_node is GPUs per node, or on a
+CPU-only partition processes per node (deepspeed's CPU accelerator, gloo). With probe=True the job
+runs blues-probe first (once per job) and trains with its config and batch fields.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import re
@@ -27,14 +23,13 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 # In a checkout (or an editable install) the template sits in launch/; a regular install ships
 # launch/ as data files under <prefix>/share/blues/launch (setup.py's data_files).
 TEMPLATE = next((p for p in (Path(__file__).resolve().parent.parent / "launch" / "blues.sbatch",
                              Path(sys.prefix) / "share" / "blues" / "launch" / "blues.sbatch") if p.is_file()),
                 Path(__file__).resolve().parent.parent / "launch" / "blues.sbatch")
-AUTO = "auto"
 
 
 class SubmitError(ValueError):
@@ -59,49 +54,26 @@ def parse_time_limit(value: str) -> int:
     return int(a) * 60  # M
 
 
-def load_blues_config(config: Optional[str], preset: Optional[str], overrides: list[str]):
-    """The BluesConfig training will see (blues.train.load_config's rules: --config FILE or --preset NAME,
-    tiny when neither, then key=value overrides), without importing torch."""
-    from blues.config import BluesConfig, get_preset
-    try:
-        if preset and config:
-            raise SubmitError(f"--preset {preset} and --config {config} are both given: pass one of them")
-        cfg = BluesConfig.from_file(config) if config else get_preset(preset or "tiny")
-        return cfg.with_overrides(overrides) if overrides else cfg
-    except SubmitError:
-        raise
-    except ValueError as e:
-        raise SubmitError(str(e)) from None
-
-
-def load_ds_json(path: str) -> dict:
-    from blues.ds_config import load_ds_config
-    try:
-        return load_ds_config(path)
-    except ValueError as e:
-        raise SubmitError(str(e)) from None
-
-
 # ----------------------------------------------------------------------------- checks
 
-def check_layout(cfg, ds: dict, nodes: int, procs_per_node: int) -> list[str]:
-    """Expert-parallel divisibility and batch arithmetic for `nodes` x `procs_per_node` ranks.
+def check_layout(cfg, ds: dict, nodes: int, nproc_per_node: int) -> list[str]:
+    """Expert-parallel divisibility and batch arithmetic for `nodes` x `nproc_per_node` ranks.
 
     Returns notes for the user; raises SubmitError naming the flag or field to change."""
-    world = nodes * procs_per_node
+    world = nodes * nproc_per_node
     t = cfg.train
-    notes = [f"world size {world} = {nodes} node(s) x {procs_per_node} process(es) per node"]
+    notes = [f"world size {world} = {nodes} node(s) x {nproc_per_node} process(es) per node"]
     if world % t.ep_size:
         fix = f"a world size that is a multiple of {t.ep_size}"
-        if procs_per_node % t.ep_size == 0 or t.ep_size % procs_per_node == 0:
-            need_nodes = max(1, math.ceil(t.ep_size / procs_per_node))
+        if nproc_per_node % t.ep_size == 0 or t.ep_size % nproc_per_node == 0:
+            need_nodes = max(1, math.ceil(t.ep_size / nproc_per_node))
             fix += f" (e.g. --nodes {need_nodes * math.ceil(nodes / need_nodes)})"
         raise SubmitError(f"ep_size={t.ep_size} does not divide the world size {world} "
-                          f"(--nodes {nodes} x --gpus_per_node {procs_per_node}): use {fix}, or a smaller ep_size")
+                          f"(--nodes {nodes} x --nproc_per_node {nproc_per_node}): use {fix}, or a smaller ep_size")
     if t.ep_size > 1:
         notes.append(f"expert parallel: {world // t.ep_size} group(s) of {t.ep_size} ranks, "
                      f"{cfg.moe.num_experts // t.ep_size} expert(s) per rank")
-    from blues.ds_config import resolve_ds_config, zero_stage
+    from blues.train.ds_config import resolve_ds_config, zero_stage
     try:
         # The same filling and contradiction checks training applies (batch fields, dtype, ZeRO 3 + MoE).
         resolve_ds_config(ds, cfg, world)
@@ -155,7 +127,7 @@ def partition_info(partition: Optional[str]) -> Optional[PartitionInfo]:
     return PartitionInfo(name, nodes, cpus, gpus)
 
 
-def check_allocation(part: Optional[PartitionInfo], nodes: int, procs_per_node: int, device: str,
+def check_allocation(part: Optional[PartitionInfo], nodes: int, nproc_per_node: int, device: str,
                      cpus_per_task: Optional[int]) -> list[str]:
     if part is None:
         return ["partition not checked: sinfo is not available here"]
@@ -164,15 +136,15 @@ def check_allocation(part: Optional[PartitionInfo], nodes: int, procs_per_node: 
     if device == "gpu":
         if part.gpus_per_node == 0:
             raise SubmitError(f"partition {part.name!r} has no GPUs (no gpu GRES): use --device cpu to run "
-                              f"{procs_per_node} CPU process(es) per node, or a GPU partition")
-        if procs_per_node > part.gpus_per_node:
-            raise SubmitError(f"--gpus_per_node {procs_per_node} exceeds the {part.gpus_per_node} GPU(s) per node "
+                              f"{nproc_per_node} CPU process(es) per node, or a GPU partition")
+        if nproc_per_node > part.gpus_per_node:
+            raise SubmitError(f"--nproc_per_node {nproc_per_node} exceeds the {part.gpus_per_node} GPU(s) per node "
                               f"of partition {part.name!r}")
     else:
-        need = cpus_per_task or procs_per_node
+        need = cpus_per_task or nproc_per_node
         if need > part.cpus_per_node:
-            raise SubmitError(f"{procs_per_node} process(es) per node need {need} CPU(s), but nodes of partition "
-                              f"{part.name!r} have {part.cpus_per_node}: lower --gpus_per_node or --cpus_per_task")
+            raise SubmitError(f"{nproc_per_node} process(es) per node need {need} CPU(s), but nodes of partition "
+                              f"{part.name!r} have {part.cpus_per_node}: lower --nproc_per_node or --cpus_per_task")
     return [f"partition {part.name!r}: {part.nodes} node(s), {part.cpus_per_node} CPUs"
             + (f", {part.gpus_per_node} GPUs" if part.gpus_per_node else ", no GPUs") + " per node"]
 
@@ -186,7 +158,7 @@ class Job:
     deepspeed_config: str
     overrides: list[str]
     nodes: int
-    procs_per_node: int
+    nproc_per_node: int
     time: str
     device: str  # gpu | cpu
     out_dir: str  # absolute
@@ -213,12 +185,12 @@ class Job:
     def directives(self) -> list[str]:
         d = [f"--job-name={self.job_name}", f"--nodes={self.nodes}", "--ntasks-per-node=1", f"--time={self.time}"]
         if self.device == "gpu":
-            d.append(f"--gpus-per-node={self.procs_per_node}")
+            d.append(f"--gpus-per-node={self.nproc_per_node}")
             if self.cpus_per_task:
                 d.append(f"--cpus-per-task={self.cpus_per_task}")
         else:
             # NOTE: on a CPU node each deepspeed rank is a process; one core each unless told otherwise.
-            d.append(f"--cpus-per-task={self.cpus_per_task or self.procs_per_node}")
+            d.append(f"--cpus-per-task={self.cpus_per_task or self.nproc_per_node}")
         if self.mem:
             d.append(f"--mem={self.mem}")
         if self.partition:
@@ -264,19 +236,21 @@ class Job:
             probe_args += ["--device", "cpu"]
         quoted = " ".join('"$PROBE_DIR"' if a == "$PROBE_DIR" else shlex.quote(a) for a in probe_args)
         over = " ".join(shlex.quote(o) for o in self.overrides)
-        return f"""PROBE_DIR="$OUT_DIR/probe-$SLURM_JOB_ID"  # a requeued run reuses its job's probe; a new job probes again
+        # A requeued run reuses its job's probe; a new job probes again.
+        return f"""PROBE_DIR="$OUT_DIR/probe-$SLURM_JOB_ID"
 if [ ! -f "$PROBE_DIR/ds_config.json" ]; then
     log "memory probe: largest micro-batch per device on $SLURM_JOB_NUM_NODES node(s)"
     run_step srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\
         bash -c 'trap "" USR1; exec blues-probe --nnodes "$SLURM_JOB_NUM_NODES" --node_rank "$SLURM_NODEID" \\
             --master_addr "$1" --master_port "$(($2 + 1))" "${{@:3}}"' \\
-        blues-probe "$MASTER_ADDR" "$MASTER_PORT" --nproc_per_node "$PROCS_PER_NODE" {quoted} {over}
+        blues-probe "$MASTER_ADDR" "$MASTER_PORT" --nproc_per_node "$NPROC_PER_NODE" {quoted} {over}
 else
     log "memory probe: reusing $PROBE_DIR/ds_config.json"
 fi
-read -r PROBE_MICRO PROBE_ACCUM < <(python -c 'import json, sys; r = json.load(open(sys.argv[1])); print(r["micro_batch_size"], r["grad_accum"])' "$PROBE_DIR/report.json")
-PROBE_OVERRIDES=("micro_batch_size=$PROBE_MICRO" "grad_accum=$PROBE_ACCUM")
-log "memory probe: micro_batch_size=$PROBE_MICRO grad_accum=$PROBE_ACCUM"
+read -r PROBE_MICRO PROBE_GRAD_ACCUM < <(python -c 'import json, sys
+r = json.load(open(sys.argv[1])); print(r["micro_batch_size"], r["grad_accum"])' "$PROBE_DIR/report.json")
+PROBE_OVERRIDES=("micro_batch_size=$PROBE_MICRO" "grad_accum=$PROBE_GRAD_ACCUM")
+log "memory probe: micro_batch_size=$PROBE_MICRO grad_accum=$PROBE_GRAD_ACCUM"
 """
 
     def render(self) -> str:
@@ -294,7 +268,7 @@ log "memory probe: micro_batch_size=$PROBE_MICRO grad_accum=$PROBE_ACCUM"
             "WORKDIR": shlex.quote(self.workdir),
             "BIN_DIR": shlex.quote(os.path.dirname(sys.executable)),
             "OUT_DIR": shlex.quote(self.out_dir),
-            "PROCS_PER_NODE": str(self.procs_per_node),
+            "NPROC_PER_NODE": str(self.nproc_per_node),
             "SIGNAL_SECONDS": str(self.signal_seconds),
             "PROBE_BLOCK": self.probe_block(),
             "TRAIN_ARGS": self.train_args(),
@@ -318,7 +292,8 @@ def sbatch_error_line(stderr: str) -> str:
     return "; ".join(dict.fromkeys(picked[-2:]))
 
 
-def test_only(script_path: str) -> str:
+def sbatch_test_only(script_path: str) -> str:
+    """`sbatch --test-only`: Slurm checks the whole request without queueing it; SubmitError with its reason."""
     out = subprocess.run(["sbatch", "--test-only", script_path], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise SubmitError(f"Slurm refuses the job: {sbatch_error_line(out.stderr + out.stdout)}")
@@ -327,6 +302,7 @@ def test_only(script_path: str) -> str:
 
 
 def submit(script_path: str) -> str:
+    """`sbatch --parsable`: the job id; SubmitError with Slurm's reason when it refuses."""
     out = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise SubmitError(f"sbatch refused the job: {sbatch_error_line(out.stderr + out.stdout)}")
@@ -336,51 +312,15 @@ def submit(script_path: str) -> str:
     return job_id
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- the plan
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with a usage mistake reported as one line (and --help for the rest)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="blues-submit", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides passed to training")
-    p.add_argument("--config", help="a YAML/JSON file of Blues config fields (as for blues-train)")
-    p.add_argument("--preset", help="tiny (default) or blues01, instead of --config")
-    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus_per_node", type=int, default=1,
-                   help="GPUs per node; on a CPU partition, training processes per node")
-    p.add_argument("--time", default="01:00:00", help="time limit (Slurm format)")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--job_name", default="blues")
-    p.add_argument("--cpus_per_task", type=int, help="CPUs for each node's task (all its processes)")
-    p.add_argument("--mem", help="memory per node, Slurm format (e.g. 64G)")
-    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
-                   help="auto: gpu when the partition has gpu GRES (or sinfo is absent), else cpu")
-    p.add_argument("--signal_seconds", type=int, default=120,
-                   help="USR1 this long before the time limit: checkpoint, requeue, resume")
-    p.add_argument("--probe", action="store_true", help="run blues-probe in the job before training")
-    p.add_argument("--memory_budget", help="probe: bytes per process (CPU), e.g. 4GB")
-    p.add_argument("--headroom", type=float, default=0.9, help="probe: fraction of device memory to use")
-    p.add_argument("--target_tokens", type=int, help="probe: global batch in tokens (sets grad_accum)")
-    p.add_argument("--max_micro_batch", type=int, help="probe: the largest micro-batch tried (default 1024)")
-    p.add_argument("--out_dir", help="override the config's out_dir (checkpoints, logs, the script)")
-    p.add_argument("--sbatch_arg", action="append", default=[], help="extra #SBATCH option, repeatable")
-    p.add_argument("--train_arg", action="append", default=[],
-                   help="extra blues-train flag, repeatable (e.g. --train_arg=--no_export)")
-    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                   help="print and check the script; do not submit")
-    return p
-
-
-def plan(args: argparse.Namespace, command: str) -> tuple[Job, list[str]]:
-    for name in ("nodes", "gpus_per_node", "signal_seconds"):
+def plan(args: Any, command: str) -> tuple[Job, list[str]]:
+    """The Job for blues-submit's parsed arguments (`args`: its argparse namespace) and the notes of
+    every check passed; SubmitError (a ValueError) naming the flag or field to change."""
+    from blues.config import load_config
+    from blues.probe import parse_budget
+    from blues.train.ds_config import load_ds_config
+    for name in ("nodes", "nproc_per_node", "signal_seconds"):
         if getattr(args, name) < 1:
             raise SubmitError(f"--{name} {getattr(args, name)} is invalid: expected a positive integer")
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
@@ -388,11 +328,7 @@ def plan(args: argparse.Namespace, command: str) -> tuple[Job, list[str]]:
     if not 0 < args.headroom <= 1:
         raise SubmitError(f"--headroom {args.headroom} is invalid: expected a fraction in (0, 1]")
     if args.memory_budget:
-        from blues.memory_probe import parse_bytes
-        try:
-            parse_bytes(args.memory_budget)
-        except ValueError as e:
-            raise SubmitError(str(e)) from None
+        parse_budget(args.memory_budget)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.job_name):
         raise SubmitError(f"--job_name {args.job_name!r} is invalid: letters, digits, '_', '.', '-' only")
     seconds = parse_time_limit(args.time)
@@ -402,9 +338,9 @@ def plan(args: argparse.Namespace, command: str) -> tuple[Job, list[str]]:
     overrides = list(args.overrides)
     if args.out_dir:
         overrides.append(f"out_dir={args.out_dir}")
-    cfg = load_blues_config(args.config, args.preset, overrides)
-    ds = load_ds_json(args.deepspeed_config)
-    notes = check_layout(cfg, ds, args.nodes, args.gpus_per_node)
+    cfg = load_config(args.config, args.preset, overrides)
+    ds = load_ds_config(args.deepspeed_config)
+    notes = check_layout(cfg, ds, args.nodes, args.nproc_per_node)
 
     part = partition_info(args.partition)
     device = args.device
@@ -412,55 +348,21 @@ def plan(args: argparse.Namespace, command: str) -> tuple[Job, list[str]]:
         device = "gpu" if part is None or part.gpus_per_node > 0 else "cpu"
         notes.append(f"device {device} (" + ("no sinfo here" if part is None else
                                              f"partition {part.name!r} has {part.gpus_per_node} GPUs per node") + ")")
-    notes += check_allocation(part, args.nodes, args.gpus_per_node, device, args.cpus_per_task)
+    notes += check_allocation(part, args.nodes, args.nproc_per_node, device, args.cpus_per_task)
 
     workdir = os.getcwd()
-    absolute = lambda p: p if os.path.isabs(p) else os.path.join(workdir, p)  # noqa: E731
-    job = Job(config=absolute(args.config) if args.config else None, preset=args.preset, deepspeed_config=absolute(args.deepspeed_config), overrides=list(args.overrides),
-              nodes=args.nodes, procs_per_node=args.gpus_per_node, time=args.time, device=device,
+
+    def absolute(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.join(workdir, p)
+
+    job = Job(config=absolute(args.config) if args.config else None, preset=args.preset,
+              deepspeed_config=absolute(args.deepspeed_config), overrides=list(args.overrides),
+              nodes=args.nodes, nproc_per_node=args.nproc_per_node, time=args.time, device=device,
               out_dir=absolute(cfg.train.out_dir), workdir=workdir, job_name=args.job_name,
               partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task, mem=args.mem,
               signal_seconds=args.signal_seconds, probe=args.probe, memory_budget=args.memory_budget,
               headroom=args.headroom, target_tokens=args.target_tokens, sbatch_args=args.sbatch_arg,
-              train_args_extra=args.train_arg, max_micro_batch=args.max_micro_batch,
-              command=command)
+              train_args_extra=args.train_arg, max_micro_batch=args.max_micro_batch, command=command)
     if args.out_dir:
         job.overrides.append(f"out_dir={job.out_dir}")
     return job, notes
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_intermixed_args(argv)
-    command = "blues-submit " + " ".join(shlex.quote(a) for a in argv)
-    try:
-        if not args.dry_run and shutil.which("sbatch") is None:
-            raise SubmitError("sbatch is not on the PATH: run blues-submit on a Slurm login node, "
-                              "or use --dry-run to write and check the script without submitting")
-        job, notes = plan(args, command)
-        script = job.render()
-        os.makedirs(os.path.dirname(job.script_path), exist_ok=True)
-        with open(job.script_path, "w", encoding="utf-8") as f:
-            f.write(script)
-        if shutil.which("sbatch") is not None:
-            notes.append(test_only(job.script_path))
-        if args.dry_run:
-            sys.stdout.write(script)
-            for n in notes:
-                print(f"blues-submit: ok: {n}", file=sys.stderr)
-            print(f"blues-submit: dry run: wrote {job.script_path}; not submitted", file=sys.stderr)
-            return 0
-        job_id = submit(job.script_path)
-    except (SubmitError, ValueError, OSError, subprocess.TimeoutExpired) as e:
-        print(f"blues-submit: error: {e}", file=sys.stderr)
-        return 2
-    for n in notes:
-        print(f"blues-submit: ok: {n}", file=sys.stderr)
-    print(f"blues-submit: submitted job {job_id}: {job.script_path}; log {job.out_dir}/slurm/{job.job_name}-{job_id}.log",
-          file=sys.stderr)
-    print(job_id)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
