@@ -33,7 +33,7 @@ class DistInfo:
     rank: int
     world_size: int
     local_rank: int
-    local_size: int
+    nproc_per_node: int
     device: torch.device
 
 
@@ -47,14 +47,14 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    nproc_per_node = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(world))))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         # NOTE: every rank would otherwise start one thread per core: 2 ranks on 2 cores ran 2x slower.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, nproc_per_node)))
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
         # registered first: a rank that exits before the barrier below still removes its file
@@ -62,7 +62,7 @@ def init_distributed() -> DistInfo:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         barrier()  # every rank has mapped every rank's buffer (shm_initialize returned everywhere)
         remove_shm_buffer(shm_buffer_path(rank))
-    return DistInfo(rank, world, local_rank, local_size, device)
+    return DistInfo(rank, world, local_rank, nproc_per_node, device)
 
 
 def shm_buffer_path(rank: int, env: Optional[dict] = None) -> str:

@@ -60,7 +60,7 @@ def peak_flops_per_rank(dist: "DistInfo", dtype: str) -> float:
             if key in name:
                 return p16 if half else p32
         return 0.0
-    return CPU_PEAK_FLOPS / max(1, dist.local_size)
+    return CPU_PEAK_FLOPS / max(1, dist.nproc_per_node)
 
 
 def mfu(run: "Run", tokens_per_s: float) -> Optional[float]:
