@@ -37,6 +37,9 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "ruff==0.17.6"],
         "flash": ["flash-attn>=2.6"],
+        # benchmarks/ep_throughput.py: DeepSpeed 0.19.8's AutoEP on HF Mixtral (5.23+ breaks its preset);
+        # benchmarks/quality.py: its PNG of validation loss against steps and seconds
+        "bench": ["transformers==5.22.2", "matplotlib>=3.8"],
     },
     entry_points={
         "console_scripts": [

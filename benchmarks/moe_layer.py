@@ -99,9 +99,9 @@ ALL_IMPLS = ["blues_triton", "blues_triton_5ops", "blues_torch", "blues_torch_5o
 # Problem: inputs shared by every implementation
 # ----------------------------------------------------------------------------------------------
 
-def make_problem(shape: str, routing: str, dtype: torch.dtype, device: str, zipf_s: float, seed: int = 0) -> dict:
-    T, D, Fh, E, K = SHAPES[shape]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+def routing_logits(T: int, E: int, routing: str, zipf_s: float, gen: torch.Generator) -> torch.Tensor:
+    """(T, E) fp32 CPU logits whose top-k is a draw without replacement from p: uniform (`balanced`)
+    or p_e ~ 1/(e+1)^zipf_s (`zipf`). Also forces the routing of benchmarks/ep_throughput.py."""
     if routing == "balanced":
         log_p = torch.zeros(E)
     elif routing == "zipf":
@@ -109,7 +109,13 @@ def make_problem(shape: str, routing: str, dtype: torch.dtype, device: str, zipf
     else:
         raise ValueError(f"routing={routing!r} is invalid: expected balanced or zipf")
     gumbel = -torch.log(-torch.log(torch.rand(T, E, generator=gen).clamp(1e-20, 1 - 1e-7)))
-    logits = (log_p + gumbel).to(device)  # (T, E) fp32: top-k = a draw without replacement from p
+    return log_p + gumbel
+
+
+def make_problem(shape: str, routing: str, dtype: torch.dtype, device: str, zipf_s: float, seed: int = 0) -> dict:
+    T, D, Fh, E, K = SHAPES[shape]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    logits = routing_logits(T, E, routing, zipf_s, gen).to(device)  # (T, E) fp32
     x = torch.randn(T, D, generator=gen).to(device=device, dtype=dtype)
     w_gate = (torch.randn(E, D, Fh, generator=gen) / math.sqrt(D)).to(device=device, dtype=dtype)
     w_up = (torch.randn(E, D, Fh, generator=gen) / math.sqrt(D)).to(device=device, dtype=dtype)

@@ -112,6 +112,10 @@ class MoEConfig:
     """Hidden size of dense MLP layers; None = expert_ffn_size * top_k (same active parameters)."""
     moe_backend: str = "auto"
     """auto | torch | triton | deepspeed. auto: Triton on CUDA, torch elsewhere."""
+    balance_bias_rate: float = 0.0
+    """gamma of DeepSeek-V3's auxiliary-loss-free balancing; 0 = off. After each applied optimizer
+    step every MoE layer's selection bias moves by gamma * sign(mean_count - count) per expert; the
+    bias changes which experts are selected, never their weights (blues.train.balance)."""
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "expert_ffn_size", "moe_layer_freq"):
@@ -134,6 +138,10 @@ class MoEConfig:
             _positive_int("dense_ffn_size", self.dense_ffn_size)
         _require(self.moe_backend in MOE_BACKENDS, "moe_backend", self.moe_backend,
                  f"expected one of {', '.join(MOE_BACKENDS)}")
+        _non_negative("balance_bias_rate", self.balance_bias_rate)
+        _require(self.balance_bias_rate == 0 or self.moe_backend != "deepspeed", "balance_bias_rate",
+                 self.balance_bias_rate, "needs moe_backend=auto|torch|triton (DeepSpeed's gate has no selection "
+                 "bias): set moe_backend=torch or balance_bias_rate=0")
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Most assignments one expert computes for a batch of `num_tokens` tokens, or None (no drop).

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from blues.attention import Attention, KVCache, RotaryEmbedding
 from blues.common import atomic_write, atomic_write_json
 from blues.config import BluesConfig
-from blues.moe import MoE, SwiGLU
+from blues.moe import Experts, MoE, SwiGLU
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -45,6 +45,7 @@ class BluesOutput(NamedTuple):
     z_loss: torch.Tensor  # unweighted, mean over MoE layers
     expert_counts: Optional[torch.Tensor]  # (L_moe, E) long, assignments kept per expert
     dropped: torch.Tensor  # long scalar, assignments dropped by capacity, all layers
+    expert_selected: Optional[torch.Tensor]  # (L_moe, E) long, assignments chosen per expert (before capacity)
 
 
 class RMSNorm(nn.Module):
@@ -72,7 +73,7 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
         h = self.mlp(self.mlp_norm(x))
         if self.is_moe:
-            return (x + h.out, h.aux_loss, h.z_loss, h.counts, h.dropped)
+            return (x + h.out, h.aux_loss, h.z_loss, h.counts, h.dropped, h.selected)
         return (x + h,)
 
 
@@ -96,16 +97,18 @@ class Blues(nn.Module):
         # variance independent of depth at init.
         resid_std = mc.init_std / (2 * mc.n_layer) ** 0.5
         for name, p in self.named_parameters():
-            if name.endswith(("attn.wo.weight", "w_down.weight", "experts.w_down")):
+            if name.endswith("experts.w_down"):  # the whole (E, F, D) draw, whatever ep_size
+                self.get_submodule(name.rpartition(".")[0]).normal_("w_down", resid_std)
+            elif name.endswith(("attn.wo.weight", "w_down.weight")):
                 nn.init.normal_(p, mean=0.0, std=resid_std)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.model.init_std
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        for p in module.parameters(recurse=False):
-            if p.dim() == 3:  # stacked expert weights
-                nn.init.normal_(p, mean=0.0, std=std)
+        if isinstance(module, Experts):  # stacked expert weights: the whole (E, ...) draw, whatever ep_size
+            for name, _ in module.named_parameters(recurse=False):
+                module.normal_(name, std)
 
     # ------------------------------------------------------------------ forward
     def gradient_checkpointing_enable(self) -> None:
@@ -124,7 +127,7 @@ class Blues(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.model.block_size}")
         cos, sin = self.rope(start, T)
         x = self.drop(self.tok_emb(input_ids))  # (B, T, D)
-        aux, zl, counts, dropped = [], [], [], []
+        aux, zl, counts, dropped, selected = [], [], [], [], []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and kv_cache is None:
                 outs = checkpoint(block, x, cos, sin, use_reentrant=False)
@@ -136,6 +139,7 @@ class Blues(nn.Module):
                 zl.append(outs[2])
                 counts.append(outs[3])
                 dropped.append(outs[4])
+                selected.append(outs[5])
         if kv_cache is not None:
             kv_cache.advance(T)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
@@ -150,7 +154,8 @@ class Blues(nn.Module):
             ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             mo = self.config.moe
             loss = ce + mo.aux_loss_coef * aux_loss + mo.z_loss_coef * z
-        return BluesOutput(logits, loss, ce, aux_loss, z, expert_counts, n_dropped)
+        return BluesOutput(logits, loss, ce, aux_loss, z, expert_counts, n_dropped,
+                           torch.stack(selected) if selected else None)
 
     # ------------------------------------------------------------------ accounting
     def num_params(self, active_only: bool = False, non_embedding: bool = False) -> int:
@@ -195,12 +200,17 @@ class Blues(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors to save: contiguous CPU copies; a tied head is stored once (as tok_emb.weight)."""
+        """Tensors to save: contiguous CPU copies; a tied head is stored once (as tok_emb.weight). With
+        balance_bias_rate > 0 each MoE layer's selection bias too (blocks.<i>.mlp.selection_bias, fp32):
+        generation selects experts with it, as training did (blues.train.balance says why)."""
         sd = {}
         for name, t in self.state_dict().items():
             if name == "lm_head.weight" and self.config.model.tie_embeddings:
                 continue
             sd[name] = t.detach().to("cpu").contiguous()
+        for name, m in self.named_modules():
+            if getattr(m, "use_selection_bias", False):
+                sd[f"{name}.selection_bias"] = m.selection_bias.detach().float().cpu().contiguous()  # (E,)
         return sd
 
     def save_pretrained(self, directory: str, tokenizer=None) -> None:

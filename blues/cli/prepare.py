@@ -2,7 +2,8 @@
 
     blues-prepare --input_dir DIR --data_dir DIR        # .txt .md .jsonl .json .parquet under DIR
     blues-prepare --dataset NAME [--subset S] [--split S] --data_dir DIR   # Hugging Face datasets
-    blues-prepare --data_dir DIR                        # the built-in corpus (pydoc_data), offline
+    blues-prepare --data_dir DIR                        # the built-in corpus (stdlib source + pydoc), offline
+    blues-prepare --data_dir DIR --corpus pydoc         # the small built-in corpus (pydoc topics only)
     blues-prepare --data_dir DIR --check                # is it complete, and made with --tokenizer?
 
 --cache_dir is the old name of --data_dir, still accepted. A mistake in the input (a bad file, a
@@ -17,7 +18,7 @@ from typing import Optional
 from blues.common import EXIT_FAILURE, OneLineParser, add_alias, run_cli
 from blues.data.data_dir import check_tokenizer, load_meta
 from blues.data.prepare import DEFAULT_SEED, prepare
-from blues.data.sources import INPUT_EXTENSIONS
+from blues.data.sources import BUILTIN_CORPORA, DEFAULT_CORPUS, INPUT_EXTENSIONS
 
 PROG = "blues-prepare"
 
@@ -30,6 +31,9 @@ def build_parser() -> OneLineParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input_dir", help=f"read every {', '.join(INPUT_EXTENSIONS)} file under this folder")
     src.add_argument("--dataset", help="a Hugging Face dataset: a hub name, or a local folder")
+    src.add_argument("--corpus", choices=BUILTIN_CORPORA, default=None,
+                     help=f"with neither of those: which built-in corpus (default {DEFAULT_CORPUS}: the Python "
+                          f"standard library's source and pydoc text, ~12 MB; pydoc: its pydoc text only, 0.5 MB)")
     p.add_argument("--subset", default=None, help="dataset configuration name")
     p.add_argument("--split", default="train", help="dataset split to read (default: train)")
     p.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.json/.parquet and datasets")
@@ -62,7 +66,7 @@ def _run(args) -> int:
                    subset=args.subset, split=args.split, text_field=args.text_field,
                    tokenizer=args.tokenizer, num_proc=args.num_proc, val_fraction=args.val_fraction,
                    seed=args.seed, vocab_size=args.vocab_size, allow_smaller=args.allow_smaller,
-                   force=args.force)
+                   force=args.force, corpus=args.corpus)
     sp = meta["splits"]
     what = "reused" if meta["reused"] else f"prepared in {meta['build_seconds']:.2f} s"
     print(f"{what}: {meta['num_tokens']:,} tokens ({sp['train']['num_tokens']:,} train / "

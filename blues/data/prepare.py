@@ -2,7 +2,8 @@
 
     prepare(data_dir, input_dir=DIR)            # .txt .md .jsonl .json .parquet under DIR
     prepare(data_dir, dataset=NAME, subset=S, split=S)   # a Hugging Face dataset (hub or local folder)
-    prepare(data_dir)                           # the built-in corpus (pydoc_data), offline
+    prepare(data_dir)                           # the built-in corpus (the stdlib's source + pydoc), offline
+    prepare(data_dir, corpus="pydoc")           # the small built-in corpus (pydoc topics only)
 
 prepare() reads everything twice: pass 1 checks every document (a bad line fails before any
 tokenizing) and decides the train/val split; pass 2 tokenizes (in num_proc processes) and writes
@@ -42,7 +43,7 @@ from blues.data.data_dir import (
     remove_stale_tmp,
     token_dtype,
 )
-from blues.data.sources import BuiltinSource, DatasetSource, DirSource, Source
+from blues.data.sources import DEFAULT_CORPUS, BuiltinSource, DatasetSource, DirSource, Source
 from blues.data.tokenizer import Tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -167,14 +168,16 @@ def prepare(data_dir: Optional[str] = None, input_dir: Optional[str] = None, dat
             subset: Optional[str] = None, split: str = "train", text_field: str = "text",
             tokenizer: Union[str, Tokenizer] = "default", num_proc: int = 1, val_fraction: float = 0.05,
             seed: int = DEFAULT_SEED, vocab_size: Optional[int] = None, allow_smaller: bool = False,
-            force: bool = False, progress: Optional[bool] = None, *, cache_dir: Optional[str] = None) -> dict:
-    """Tokenize a folder, a Hugging Face dataset or (neither given) the built-in corpus into `data_dir`
+            force: bool = False, progress: Optional[bool] = None, *, cache_dir: Optional[str] = None,
+            corpus: Optional[str] = None) -> dict:
+    """Tokenize a folder, a Hugging Face dataset or (neither given) a built-in corpus into `data_dir`
     (default: data_cache, as the config's data_dir).
 
     Returns the meta dict (also in data_dir/meta.json), with "reused": True when the folder already
     held these inputs prepared this way (same fingerprint) and nothing was tokenized.
     vocab_size: train a new tokenizer of this size on the train split instead of using `tokenizer`.
     cache_dir: the old name of data_dir, still accepted.
+    corpus: which built-in corpus (blues.data.sources.BUILTIN_CORPORA; default "stdlib").
     A run that fails or dies leaves no meta.json for its inputs: the folder never looks complete.
     """
     t_start = time.perf_counter()
@@ -184,6 +187,9 @@ def prepare(data_dir: Optional[str] = None, input_dir: Optional[str] = None, dat
     data_dir = data_dir or cache_dir or "data_cache"
     if input_dir is not None and dataset is not None:
         raise ValueError(f"input_dir={input_dir!r} and dataset={dataset!r} are both given: pass one of them")
+    if corpus is not None and (input_dir is not None or dataset is not None):
+        given = f"input_dir={input_dir!r}" if input_dir is not None else f"dataset={dataset!r}"
+        raise ValueError(f"corpus={corpus!r} names a built-in corpus but {given} is given too: pass one of them")
     if not isinstance(num_proc, int) or isinstance(num_proc, bool) or num_proc < 1:
         raise ValueError(f"num_proc={num_proc!r} is invalid: expected an integer >= 1")
     if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
@@ -202,7 +208,7 @@ def prepare(data_dir: Optional[str] = None, input_dir: Optional[str] = None, dat
     if input_dir is not None:
         source = DirSource(input_dir, text_field, exclude=(data_dir,))
     elif dataset is None:
-        source = BuiltinSource()
+        source = BuiltinSource(corpus or DEFAULT_CORPUS)
     try:
         os.makedirs(data_dir, exist_ok=True)
         open(os.path.join(data_dir, LOCK_FILE), "a").close()
@@ -285,9 +291,9 @@ def _build(data_dir: str, source: Source, tok: Optional[Tokenizer], fingerprint:
         raise ValueError("the input has 1 document but a train/val split by document needs at least 2: add "
                          "documents (files, or lines of a .jsonl) or pass val_fraction=0 (--val_fraction 0)")
     # Validation: whole documents, taken in the order of their content hash until they hold
-    # val_fraction of the text, skipping any that would overshoot it by more than 25%. On the
-    # built-in corpus (79 documents of 0.2 to 62 KB) over 200 seeds this holds out 5.0% to 6.2% of
-    # the text; holding out 5% of the documents instead gave 0.2% to 26%.
+    # val_fraction of the text, skipping any that would overshoot it by more than 25%. Over 200 seeds
+    # this holds out 5.0% to 6.2% of the text of either built-in corpus (pydoc: 79 documents of 0.2
+    # to 62 KB; stdlib: 742 of 38 B to 229 KB); holding out 5% of pydoc's documents gave 0.2% to 26%.
     is_val = np.zeros(num_docs, dtype=bool)
     target, held = val_fraction * float(sum(sizes)), 0
     order = np.argsort(np.asarray(values), kind="stable")

@@ -13,6 +13,7 @@ order, and environment() (a context in which documents() may run).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -34,20 +35,84 @@ def network_available(host: str, port: int = 443, timeout: float = 3.0) -> bool:
 
 
 # ----------------------------------------------------------------------------- built-in corpus
+# Two corpora ship with every Python, so Blues trains offline anywhere:
+# - "stdlib" (the default): the standard library's own .py source by path, then the pydoc topics.
+#   Python 3.11.7: 744 documents, 10.6 MB, 2.92M tokens with the default tokenizer: the tiny
+#   preset's few hundred steps see each token about once, where "pydoc" alone (110k tokens) is
+#   several epochs and the default run's sample never read like anything.
+# - "pydoc": CPython's pydoc topics (pydoc_data.topics): 79 documents, 465 KB of English, prepared
+#   in a fraction of a second: what tests use where any real text will do.
+BUILTIN_CORPORA = ("stdlib", "pydoc")
+DEFAULT_CORPUS = "stdlib"
+# Folders not read: test suites (test, tests, idle_test); third-party packages, different on every
+# machine (site-packages, dist-packages); pydoc_data (its topics.py is the pydoc text, already in as
+# text); compiled files (__pycache__, lib-dynload). Also skipped below: config-* and _sysconfigdata*
+# (one installation's build paths: two installs of one Python would differ).
+_SKIP_DIRS = frozenset(("test", "tests", "idle_test", "site-packages", "dist-packages", "pydoc_data",
+                        "__pycache__", "lib-dynload"))
 
-def builtin_corpus() -> list[str]:
-    """CPython's pydoc topics (pydoc_data.topics): ~465 KB of English in 79 documents on Python 3.11,
-    present wherever Python is; its size varies by Python version."""
-    from pydoc_data import topics
 
-    return [topics.topics[k] for k in sorted(topics.topics)]
+def _check_corpus(corpus: str) -> None:
+    if corpus not in BUILTIN_CORPORA:
+        raise ValueError(f"corpus={corpus!r} is unknown: expected one of {', '.join(BUILTIN_CORPORA)}")
 
 
-def builtin_corpus_info() -> dict:
-    docs = builtin_corpus()
-    blob = json.dumps(docs).encode()
-    return {"corpus": "pydoc_data.topics", "python": platform.python_version(), "documents": len(docs),
-            "bytes": sum(len(d.encode()) for d in docs), "sha256": hashlib.sha256(blob).hexdigest()}
+def _stdlib_documents() -> list[tuple[str, str]]:
+    """(text, "stdlib/<path>") of every selected .py file of the standard library, sorted by path."""
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    found = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith((".", "config-"))]
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        found += [(name if rel_dir == "." else f"{rel_dir}/{name}", os.path.join(dirpath, name)) for name in files
+                  if name.endswith(".py") and not name.startswith((".", "_sysconfigdata"))]
+    docs = []
+    for rel, path in sorted(found):
+        with open(path, "rb") as f:
+            text, _ = _decode_utf8(f.read())  # the stdlib is UTF-8 (PEP 3120); U+FFFD were it not
+        # 65 codecs in encodings/ (1.2 MB on 3.11, 10% of the source) are 256-entry tables written by
+        # gencodec.py ("'\x80' # 0x80 -> EURO SIGN"): lookup data, not Python worth learning
+        if not (rel.startswith("encodings/") and "gencodec.py" in text[:400]):
+            docs.append((text, f"stdlib/{rel}"))
+    return docs
+
+
+@functools.lru_cache(maxsize=2)
+def builtin_documents(corpus: str = DEFAULT_CORPUS) -> tuple[tuple[str, str], ...]:
+    """(text, where) of each document of a built-in corpus, in a fixed order. Read once per process
+    (0.3 s for "stdlib"): prepare() reads its source three times (fingerprint, split, tokenize)."""
+    _check_corpus(corpus)
+    docs = _stdlib_documents() if corpus == "stdlib" else []
+    try:
+        from pydoc_data import topics
+    except ImportError:  # some distributions package it apart
+        topics = None
+    docs += [(topics.topics[k], f"pydoc_data.topics[{k!r}]") for k in sorted(topics.topics)] if topics else []
+    if not docs:
+        raise ValueError(f"the built-in corpus {corpus!r} is empty on this Python (no standard library source, "
+                         f"no pydoc_data): pass --input_dir or --dataset")
+    return tuple(docs)
+
+
+def builtin_corpus(corpus: str = DEFAULT_CORPUS) -> list[str]:
+    """The texts of a built-in corpus (BUILTIN_CORPORA); its content varies by Python version."""
+    return [text for text, _ in builtin_documents(corpus)]
+
+
+@functools.lru_cache(maxsize=2)
+def _corpus_info(corpus: str) -> tuple:
+    docs = builtin_corpus(corpus)
+    return (("corpus", "stdlib+pydoc_data.topics" if corpus == "stdlib" else "pydoc_data.topics"),
+            ("python", platform.python_version()), ("documents", len(docs)),
+            ("bytes", sum(len(d.encode()) for d in docs)),
+            ("sha256", hashlib.sha256(json.dumps(docs).encode()).hexdigest()))
+
+
+def builtin_corpus_info(corpus: str = DEFAULT_CORPUS) -> dict:
+    """What the corpus is on this Python; sha256 over its texts (as a JSON list) identifies it."""
+    return dict(_corpus_info(corpus))
 
 
 # ----------------------------------------------------------------------------- reading documents
@@ -206,17 +271,18 @@ def iter_input_dir(input_dir: str, text_field: str = "text", stats: Optional[dic
 class BuiltinSource:
     kind = "builtin"
 
+    def __init__(self, corpus: str = DEFAULT_CORPUS):
+        _check_corpus(corpus)
+        self.corpus = corpus
+
     def describe(self) -> dict:
-        return {"kind": self.kind, **builtin_corpus_info()}
+        return {"kind": self.kind, **builtin_corpus_info(self.corpus)}
 
     def fingerprint(self) -> str:
-        return builtin_corpus_info()["sha256"]
+        return builtin_corpus_info(self.corpus)["sha256"]
 
     def documents(self, stats: dict) -> Iterator[tuple[str, str]]:
-        from pydoc_data import topics
-
-        for key in sorted(topics.topics):
-            yield topics.topics[key], f"pydoc_data.topics[{key!r}]"
+        yield from builtin_documents(self.corpus)
 
     def environment(self):
         return contextlib.nullcontext()

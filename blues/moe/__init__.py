@@ -3,6 +3,8 @@
     layer.py          MoE (stacked experts, router, capacity), SwiGLU, Experts, MoEOutput
     ops.py            MoEOps: the op table (torch references or Triton kernels), chosen once per device
     routing.py        forced_routing: worst-case routing for the memory probe, on every backend
+    expert_parallel.py  ep_size > 1 on the stacked layer: DeepSpeed's groups, the all-to-all exchange,
+                      the split plan, marking the experts for DeepSpeed's engine
     deepspeed_moe.py  moe_backend=deepspeed: DeepSpeed's expert-parallel MoE behind the same interface
 
 deepspeed_moe imports DeepSpeed only when such a layer is built; it is not imported here.

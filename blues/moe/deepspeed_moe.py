@@ -237,7 +237,8 @@ class DeepSpeedMoE(nn.Module):
         dropped = (kept < 0).sum()
         if self.shared is not None:
             out = out + self.shared(x)
-        return MoEOutput(out, aux, zl, counts, dropped)
+        selected = exp_counts.to(device=counts.device, dtype=counts.dtype)  # (E,) before the capacity cut
+        return MoEOutput(out, aux, zl, counts, dropped, selected)
 
 
 # ---------------------------------------------------------------------------------------------

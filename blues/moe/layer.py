@@ -3,6 +3,10 @@
 Shapes: B batch, T tokens per sequence, N = B*T tokens, D width, E experts, K top-k,
 S = N*K assignments, F expert hidden size.
 
+Under expert parallelism (ep_size > 1) a rank holds E_loc = E / ep_size experts and the token rows
+travel to the rank of their expert and back through all-to-all exchanges (blues.moe.expert_parallel);
+routing, the capacity cut and the losses stay local, as with data parallelism.
+
 Dispatch never builds an [N, E, capacity] tensor and never loops over per-expert modules:
 token copies are ordered by expert (moe_permute_indices), the gate and up projections run as one
 grouped op that gathers the token rows itself (moe_grouped_swiglu, by definition moe_permute then
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 
 from blues.config import BluesConfig, MoEConfig
 from blues.kernels.moe_route import load_balancing_loss, z_loss
+from blues.moe.expert_parallel import EPGroups, ep_experts_forward, ep_groups
 from blues.moe.ops import resolve_moe_ops
 from blues.moe.routing import forced_route
 
@@ -31,6 +36,7 @@ class MoEOutput(NamedTuple):
     z_loss: torch.Tensor  # scalar, unweighted router z-loss
     counts: torch.Tensor  # (E,) long, assignments each expert computed (after capacity)
     dropped: torch.Tensor  # scalar long, assignments dropped by capacity
+    selected: torch.Tensor  # (E,) long, assignments each expert was chosen for (before capacity)
 
 
 class SwiGLU(nn.Module):
@@ -49,13 +55,26 @@ class SwiGLU(nn.Module):
 
 class Experts(nn.Module):
     """E SwiGLU experts as stacked weights: one parameter per projection, so ZeRO-3 gathers every
-    expert with the module whatever the routing, and grouped kernels see one tensor."""
+    expert with the module whatever the routing, and grouped kernels see one tensor.
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int):
+    Under expert parallelism EP rank r holds the E_loc = E / ep_size experts [r*E_loc, (r+1)*E_loc)."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int, ep_size: int = 1, ep_rank: int = 0):
         super().__init__()
-        self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, hidden))  # (E, D, F)
-        self.w_up = nn.Parameter(torch.empty(num_experts, d_model, hidden))  # (E, D, F)
-        self.w_down = nn.Parameter(torch.empty(num_experts, hidden, d_model))  # (E, F, D)
+        E_loc = num_experts // ep_size
+        self.num_experts, self.first = num_experts, ep_rank * E_loc
+        self.w_gate = nn.Parameter(torch.empty(E_loc, d_model, hidden))  # (E_loc, D, F)
+        self.w_up = nn.Parameter(torch.empty(E_loc, d_model, hidden))  # (E_loc, D, F)
+        self.w_down = nn.Parameter(torch.empty(E_loc, hidden, d_model))  # (E_loc, F, D)
+
+    @torch.no_grad()
+    def normal_(self, name: str, std: float) -> None:
+        """N(0, std^2) init of weight `name`: every rank draws the whole (E, ...) stack from the same
+        seeded stream and keeps its slice, so expert g gets the same values at every ep_size and the
+        stream after it is the same too (EP=1 and EP=2 start from equal weights)."""
+        p = getattr(self, name)
+        full = torch.empty((self.num_experts,) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device)
+        p.copy_(full.normal_(0.0, std)[self.first:self.first + p.shape[0]])
 
 
 class MoE(nn.Module):
@@ -65,18 +84,25 @@ class MoE(nn.Module):
         self.cfg = m
         D = config.model.n_embd
         self.router = nn.Linear(D, m.num_experts, bias=False)  # weight (E, D)
-        self.experts = Experts(m.num_experts, D, m.expert_ffn_size)
+        # Expert parallelism: DeepSpeed's groups, created before the model (blues-train does).
+        self.ep: Optional[EPGroups] = ep_groups(config.train.ep_size) if config.train.ep_size > 1 else None
+        self.experts = Experts(m.num_experts, D, m.expert_ffn_size, config.train.ep_size,
+                               self.ep.ep_rank if self.ep is not None else 0)
         self.shared = SwiGLU(D, m.num_shared_experts * m.expert_ffn_size) if m.num_shared_experts else None
         # Selection-only bias (DeepSeek-V3 balancing); zero unless a training loop adjusts it.
         self.register_buffer("selection_bias", torch.zeros(m.num_experts), persistent=False)
-        self.use_selection_bias = False
+        # On whenever balance_bias_rate > 0, in training and generation alike; blues.train.balance moves
+        # it after each optimizer step and reassigns the buffer (kept fp32), so hold no reference to it.
+        self.use_selection_bias = m.balance_bias_rate > 0
         # Forced routing (blues.moe.routing.forced_routing): the share of tokens sent to the fewest
         # experts the capacity allows, or None for the router's own choice.
         self.forced_skew: Optional[float] = None
 
     def set_forced_routing(self, skew: Optional[float]) -> None:
         """Part of the forced-routing protocol (blues.moe.routing): route like the worst allowed
-        imbalance for `skew` of the tokens from the next forward on; None restores real routing."""
+        imbalance for `skew` of the tokens from the next forward on; None restores real routing.
+        Under expert parallelism every rank's forced tokens go to EP rank 0's experts (the most rows
+        one rank can receive)."""
         self.forced_skew = skew
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
@@ -96,7 +122,8 @@ class MoE(nn.Module):
         if self.forced_skew is None:
             r = ops.moe_route(logits, K, **kw)
         else:
-            r = forced_route(ops.moe_route, logits, K, cap, self.forced_skew, **kw)
+            r = forced_route(ops.moe_route, logits, K, cap, self.forced_skew,
+                             ep_size=self.ep.ep_size if self.ep is not None else 1, **kw)
         aux = load_balancing_loss(r.counts, r.prob_sum, N, K)
         zl = z_loss(r.lse)
 
@@ -115,14 +142,18 @@ class MoE(nn.Module):
             dropped = torch.zeros((), dtype=torch.long, device=x.device)
 
         ex = self.experts
-        # Token rows are gathered inside the up-projection (no (S, D) copy of x), and the down
-        # projection sums each token's K weighted rows itself (no (S, D) expert output).
-        h = ops.moe_grouped_swiglu(xf, idx.expert_offsets, ex.w_gate, ex.w_up, idx.sorted_slots, K)  # (S, F)
-        if self.training and m.expert_dropout > 0:
-            h = F.dropout(h, p=m.expert_dropout)
-        out = ops.moe_grouped_down_combine(h, idx.expert_offsets, ex.w_down, idx.inverse, weights)  # (N, D)
+        p_drop = m.expert_dropout if self.training else 0.0
+        if self.ep is not None:
+            out = ep_experts_forward(xf, idx, weights, ex, ops, self.ep, p_drop)  # (N, D)
+        else:
+            # Token rows are gathered inside the up-projection (no (S, D) copy of x), and the down
+            # projection sums each token's K weighted rows itself (no (S, D) expert output).
+            h = ops.moe_grouped_swiglu(xf, idx.expert_offsets, ex.w_gate, ex.w_up, idx.sorted_slots, K)  # (S, F)
+            if p_drop > 0:
+                h = F.dropout(h, p=p_drop)
+            out = ops.moe_grouped_down_combine(h, idx.expert_offsets, ex.w_down, idx.inverse, weights)  # (N, D)
         if self.shared is not None:
             out = out + self.shared(xf)
         counts = idx.expert_offsets[1:] - idx.expert_offsets[:-1]  # (E,)
-        return MoEOutput(out.view(B, T, D), aux, zl, counts, dropped)
+        return MoEOutput(out.view(B, T, D), aux, zl, counts, dropped, r.counts)
 

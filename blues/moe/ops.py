@@ -1,4 +1,4 @@
-"""The MoE op table: the four ops the stacked layer runs, chosen once per (backend, device type).
+"""The MoE op table: the ops the stacked layer runs, chosen once per (backend, device type).
 
 `MoEOps` names each op by its kernel's name in blues.kernels. `TORCH_OPS` holds the plain-torch
 references (the specification, and the CPU path); `TRITON_OPS` the Triton launchers of the same
@@ -27,6 +27,9 @@ class MoEOps(NamedTuple):
     moe_permute_indices: Callable  # (topk_ids (N, K), E) -> PermuteIndices
     moe_grouped_swiglu: Callable  # (x (N, D), offsets (E+1,), w_gate, w_up (E, D, F), slots (S,), K) -> (S, F)
     moe_grouped_down_combine: Callable  # (h (S, F), offsets, w_down (E, F, D), inverse (S,), w (N, K)) -> (N, D)
+    # Expert parallelism (blues.moe.expert_parallel) sends the permuted rows out and combines what comes back:
+    moe_permute: Callable  # (x (N, D), sorted_slots (S,), K) -> (S, D)
+    moe_unpermute_combine: Callable  # (y (S, D), inverse (S,), w (N, K)) -> (N, D), fp32 sums
 
 
 TORCH_OPS = MoEOps(
@@ -34,6 +37,8 @@ TORCH_OPS = MoEOps(
     moe_permute_indices=_perm.moe_permute_indices_ref,
     moe_grouped_swiglu=_gg.moe_grouped_swiglu_ref,
     moe_grouped_down_combine=_gg.moe_grouped_down_combine_ref,
+    moe_permute=_perm.moe_permute_ref,
+    moe_unpermute_combine=_perm.moe_unpermute_combine_ref,
 )
 
 TRITON_OPS = MoEOps(
@@ -41,6 +46,8 @@ TRITON_OPS = MoEOps(
     moe_permute_indices=_perm.moe_permute_indices,
     moe_grouped_swiglu=_gg.moe_grouped_swiglu,
     moe_grouped_down_combine=_gg.moe_grouped_down_combine,
+    moe_permute=_perm.moe_permute,
+    moe_unpermute_combine=_perm.moe_unpermute_combine,
 )
 
 

@@ -25,15 +25,22 @@ import torch
 FORCING_LOGIT = 1e4
 
 
-def hot_experts(num_experts: int, top_k: int, capacity: Optional[int], num_tokens: int) -> int:
+def hot_experts(num_experts: int, top_k: int, capacity: Optional[int], num_tokens: int, ep_size: int = 1) -> int:
     """The fewest experts that can take every one of the N*K assignments under the capacity.
 
     Without a capacity nothing is dropped, and the worst case is every token on the same K experts
     (the busiest expert then gets all N tokens). With a capacity C an expert keeps at most C, so
-    the assignments need ceil(N*K / C) experts; fewer would only drop tokens (less work)."""
+    the assignments need ceil(N*K / C) experts; fewer would only drop tokens (less work).
+    Under expert parallelism (ep_size > 1) the worst case is every rank's tokens on one EP rank's
+    experts (it then receives ep * N * min(K, E_loc) rows, or ep * E_loc * C under a capacity): the hot
+    experts are the lowest-numbered, EP rank 0's, so they are capped at its E_loc = E / ep_size (but
+    never below K: a token's K choices are distinct experts)."""
     if capacity is None:
         return top_k
-    return min(num_experts, max(top_k, math.ceil(num_tokens * top_k / capacity)))
+    hot = math.ceil(num_tokens * top_k / capacity)
+    if ep_size > 1:
+        hot = min(hot, num_experts // ep_size)
+    return min(num_experts, max(top_k, hot))
 
 
 def skew_assignment(num_tokens: int, num_experts: int, top_k: int, hot: int,
@@ -51,25 +58,26 @@ def skew_assignment(num_tokens: int, num_experts: int, top_k: int, hot: int,
 
 
 def forced_targets(num_tokens: int, num_experts: int, top_k: int, capacity: Optional[int],
-                   skew: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   skew: float, ep_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """skew_assignment for the worst imbalance `capacity` allows (the hot experts it implies)."""
-    return skew_assignment(num_tokens, num_experts, top_k, hot_experts(num_experts, top_k, capacity, num_tokens),
-                           skew)
+    return skew_assignment(num_tokens, num_experts, top_k,
+                           hot_experts(num_experts, top_k, capacity, num_tokens, ep_size), skew)
 
 
 def forced_route(route: Callable, logits: torch.Tensor, top_k: int, capacity: Optional[int], skew: float, *,
                  score_func: str = "softmax", norm_topk_prob: bool = True,
-                 selection_bias: Optional[torch.Tensor] = None):
+                 selection_bias: Optional[torch.Tensor] = None, ep_size: int = 1):
     """`route(logits, top_k, ...)` with the forced tokens' top-k on their target experts.
 
     logits (N, E). The selection follows a large bias on the targets; the weights are the real
     scores of the chosen experts (renormalised as configured), and the balancing loss's score sums
-    and the z-loss's lse come from the real logits, so gradients flow as in training."""
+    and the z-loss's lse come from the real logits, so gradients flow as in training. ep_size: the
+    layer's expert parallelism (the hot experts all on EP rank 0, see hot_experts)."""
     N, E = logits.shape
     real = route(logits, top_k, score_func=score_func, norm_topk_prob=norm_topk_prob,
                  selection_bias=selection_bias)
     with torch.no_grad():
-        forced, targets = forced_targets(N, E, top_k, capacity, skew)
+        forced, targets = forced_targets(N, E, top_k, capacity, skew, ep_size)
         forced = forced.to(logits.device)
         bias = torch.zeros(N, E, dtype=torch.float32, device=logits.device)
         bias[forced] = bias[forced].scatter(1, targets[forced.cpu()].to(logits.device), FORCING_LOGIT)

@@ -18,6 +18,19 @@ def dispatch_rows(moe: MoEConfig, num_tokens: int) -> int:
     return num_tokens if cap is None else min(cap, num_tokens)
 
 
+def ep_received_rows(moe: MoEConfig, num_tokens: int, ep_size: int) -> int:
+    """The most token rows one EP rank's experts receive in a layer of the stacked backends under expert
+    parallelism, N tokens per rank: every rank's tokens on its experts (what forced routing does,
+    blues.moe.routing.hot_experts), min(K, E_loc) of each token's K choices, at most E_loc * C from
+    each rank under a capacity C (dropped at the source)."""
+    E_loc = moe.num_experts // ep_size
+    per_source = num_tokens * min(moe.top_k, E_loc)
+    cap = moe.capacity(num_tokens)
+    if cap is not None:
+        per_source = min(per_source, E_loc * cap)
+    return ep_size * per_source
+
+
 def estimate_memory(cfg: BluesConfig, ds: dict, world_size: int, micro_batch: int) -> dict[str, float]:
     """Bytes one rank needs for a training step at `micro_batch`, by part, and their "total".
 
@@ -31,7 +44,9 @@ def estimate_memory(cfg: BluesConfig, ds: dict, world_size: int, micro_batch: in
     Activations kept for backward, per token and layer, in elements (x activation bytes):
     attention ~ 10 D + 3 kv_dim + n_head, the MoE layer ~ K (3 D + 4 F) + 3 E on the stacked
     backends, or E * C (3 D + 4 F) / N on DeepSpeed's (its dispatch buffer is (E, C, D), C from
-    `dispatch_rows`); the head ~ 3 V fp32 (logits, their fp32 copy, log-softmax). Activation
+    `dispatch_rows`); under expert parallelism the stacked layer's experts see the rows they receive,
+    R (3 D + 4 F) / N with R from `ep_received_rows` (the worst case), plus 2 K D for the rows sent
+    out and back; the head ~ 3 V fp32 (logits, their fp32 copy, log-softmax). Activation
     checkpointing keeps D per layer plus one recomputed layer. One more layer's worth is added for
     the backward's temporaries.
 
@@ -47,7 +62,7 @@ def estimate_memory(cfg: BluesConfig, ds: dict, world_size: int, micro_batch: in
     kv = m.num_kv_heads * m.head_dim
     p = 4 if t.dtype == "fp32" else 2
     stage = zero_stage(ds)
-    ep = t.ep_size if moe.moe_backend == "deepspeed" else 1
+    ep = t.ep_size  # both MoE backends split the experts over ep_size ranks
     dp, dp_exp = world_size, max(1, world_size // ep)
     moe_layers = [i for i in range(L) if moe.is_moe_layer(i)]
     n_moe, n_dense = len(moe_layers), L - len(moe_layers)
@@ -80,6 +95,8 @@ def estimate_memory(cfg: BluesConfig, ds: dict, world_size: int, micro_batch: in
     per_tok_attn = 10 * D + 3 * kv + m.n_head
     if moe.moe_backend == "deepspeed":
         per_tok_moe = E * dispatch_rows(moe, N) * (3 * D + 4 * Fh) / N + 3 * E + 2 * D
+    elif ep > 1:
+        per_tok_moe = ep_received_rows(moe, N, ep) * (3 * D + 4 * Fh) / N + 2 * K * D + 3 * E + 2 * D
     else:
         per_tok_moe = K * (3 * D + 4 * Fh) + 3 * E + 2 * D
     per_tok_dense = 4 * moe.dense_hidden + 2 * D

@@ -24,11 +24,14 @@ Where a run starts (find_resume):
   out_dir that holds later complete checkpoints) is refused with a message naming them.
 - A checkpoint whose files differ from the sizes its marker records (truncated, missing), or that
   DeepSpeed cannot read, is a ValueError naming the file.
+- A checkpoint written at another ep_size or world size resumes through blues.train.reshard (ZeRO 1/2
+  at both ends; converted to DeepSpeed's universal layout on the fly); resume() lists what it refuses.
 
 client_state (DeepSpeed's, in the checkpoint) carries {"blues": ...}: step, tokens seen, the
-loader's state, every rank's python/numpy/torch(/cuda) RNG state, the Blues config and the
-tokenizer's sha256. blues_complete.json repeats the small part (no RNG) so a resume can check
-compatibility before building anything.
+loader's state, every rank's python/numpy/torch(/cuda) RNG state, the Blues config, the
+tokenizer's sha256 and the balancing selection bias (blues.train.balance; None when off).
+blues_complete.json repeats the small part (no RNG) so a resume can check compatibility before
+building anything.
 """
 from __future__ import annotations
 
@@ -48,7 +51,9 @@ import torch
 
 from blues.common import atomic_write, atomic_write_json
 from blues.config import BluesConfig
+from blues.train import balance, reshard
 from blues.train.distributed import barrier
+from blues.train.ep_checkpoint import after_load, check_expert_group, expert_group, full_state_dict, save_local_experts
 
 if TYPE_CHECKING:
     from blues.train.engine import Run
@@ -61,8 +66,9 @@ COMPLETE = "blues_complete.json"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 # Settings that are not weight shapes but still fix the checkpoint's layout: DeepSpeed cannot
-# load its partitions (or the experts' names) under another value.
-LAYOUT_FIELDS = ("ep_size", "dtype")
+# load its partitions under another value. (ep_size is not one: a resume at another ep_size or world
+# size goes through blues.train.reshard, refused there where it cannot work.)
+LAYOUT_FIELDS = ("dtype",)
 
 
 def tag_for(step: int) -> str:
@@ -292,10 +298,13 @@ def check_resume(meta: dict[str, Any], current: BluesConfig, tokenizer_sha256: s
     problems = []
     if meta.get("tokenizer_sha256") != tokenizer_sha256:
         problems.append(f"tokenizer sha256 {str(meta.get('tokenizer_sha256'))[:12]}... -> {tokenizer_sha256[:12]}...")
-    if meta.get("world_size") != world_size:
-        problems.append(f"world size {meta.get('world_size')} -> {world_size} (ranks)")
+    if reshard.needs_reshard(meta, current, world_size):
+        problems += reshard.reshard_problems(meta, current, world_size, stage)
     if meta.get("zero_stage") != stage:
         problems.append(f"ZeRO stage {meta.get('zero_stage')} -> {stage}")
+    old_groups = check_expert_group(meta, current)
+    if old_groups:
+        problems.append(old_groups)
     if problems:
         raise ValueError("cannot resume: " + "; ".join(problems))
     return changes
@@ -309,12 +318,14 @@ def _dist():
 
 
 def save(engine, out_dir: str, step: int, blues_state: dict[str, Any], meta: dict[str, Any],
-         keep_last: int, _before_commit=None) -> str:
+         keep_last: int, _before_commit=None, write_extra: Optional[Callable[[str], None]] = None) -> str:
     """Save a checkpoint of `engine` at `step` (collective: every rank calls it). Returns its folder.
 
     blues_state: this rank's part of client_state["blues"] except the RNG (gathered here from every
     rank). meta: the JSON-able summary written to blues_complete.json (with "files" added here).
-    ValueError if a complete checkpoint of this step exists: it is never overwritten.
+    write_extra(tag_dir): called on every rank after DeepSpeed's writes, before the commit (its files
+    are then part of the checkpoint). ValueError if a complete checkpoint of this step exists: it is
+    never overwritten.
     """
     dist = _dist()
     rank = dist.get_rank() if dist else 0
@@ -330,6 +341,8 @@ def save(engine, out_dir: str, step: int, blues_state: dict[str, Any], meta: dic
         rngs[0] = rng_state()
     state = dict(blues_state, rng=rngs)
     engine.save_checkpoint(d, tag=tag, client_state={"blues": state}, save_latest=False)
+    if write_extra is not None:
+        write_extra(os.path.join(d, tag))
     if _before_commit is not None:
         _before_commit()  # tests: die here, with the files written and nothing committed
     if dist:
@@ -382,19 +395,21 @@ def restore_rng(blues_state: dict[str, Any], rank: int) -> None:
 def _blues_state(run: "Run") -> dict:
     return {"step": run.step, "tokens_seen": run.tokens_seen, "skipped_steps": run.skipped_steps,
             "loader": run.loader.state_dict() if run.loader is not None else None,
-            "config": run.cfg.to_dict(), "tokenizer_sha256": run.tokenizer.sha256 if run.tokenizer else None}
+            "config": run.cfg.to_dict(), "tokenizer_sha256": run.tokenizer.sha256 if run.tokenizer else None,
+            "balance_bias": balance.get_bias(run.model)}  # (L, E) fp32, the same on every rank; None when off
 
 
 def save_checkpoint(run: "Run") -> str:
     """Save `run` at its current step (collective); returns the checkpoint folder."""
     meta = {"step": run.step, "tokens_seen": run.tokens_seen, "config": run.cfg.to_dict(),
             "tokenizer_sha256": run.tokenizer.sha256 if run.tokenizer else None,
-            "world_size": run.dist.world_size, "zero_stage": run.stage, "time": time.time()}
+            "world_size": run.dist.world_size, "zero_stage": run.stage, "time": time.time(),
+            "expert_group": expert_group(run.cfg)}  # the experts' optimizer group (None: in the dense ones)
     kill = None
     if run.debug.kill_in_save_step == run.step and run.dist.rank == 1:
         kill = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731  test-only: a rank dies mid-save
     return save(run.engine, run.cfg.train.out_dir, run.step, _blues_state(run), meta, run.cfg.train.keep_last,
-                _before_commit=kill)
+                _before_commit=kill, write_extra=lambda tag_dir: save_local_experts(run, tag_dir))
 
 
 def resume(run: "Run", where: tuple[str, str]) -> list[str]:
@@ -403,9 +418,18 @@ def resume(run: "Run", where: tuple[str, str]) -> list[str]:
     meta = read_meta(os.path.join(d, tag))
     changes = check_resume(meta, run.cfg, run.tokenizer.sha256 if run.tokenizer else None,
                            run.dist.world_size, run.stage)
-    state = load(run.engine, d, tag)
+    same_world = meta.get("world_size") == run.dist.world_size
+    if reshard.needs_reshard(meta, run.cfg, run.dist.world_size):  # another ep_size or world size
+        with reshard.universal_copy(run, d, tag, meta, checkpoint_dir(run.cfg.train.out_dir)) as (ud, utag):
+            state = load(run.engine, ud, utag)
+    else:
+        state = load(run.engine, d, tag)
+    after_load(run, os.path.join(d, tag))  # expert parallelism: each EP rank's own experts back
     run.step, run.tokens_seen = int(state["step"]), int(state["tokens_seen"])
     run.skipped_steps = int(state.get("skipped_steps", 0))
+    balance.restore_bias(run.model, state.get("balance_bias"))
+    if not same_world:
+        return changes + reshard.restore_stream(run, state)  # the loader's position and the RNG, moved
     if run.loader is not None and state.get("loader") is not None:
         run.loader.load_state_dict(state["loader"])
     restore_rng(state, run.dist.rank)
@@ -415,21 +439,18 @@ def resume(run: "Run", where: tuple[str, str]) -> list[str]:
 def export_weights(run: "Run", directory: str) -> Optional[str]:
     """save_pretrained into `directory` with every expert present (collective; rank 0 writes).
 
-    ZeRO 3 partitions are gathered; DeepSpeed MoE experts are gathered from their expert-parallel
-    ranks and written in the stacked layout. The result loads with Blues.from_pretrained."""
+    ZeRO 3 partitions are gathered; experts are gathered from their expert-parallel ranks (stacked
+    ones, and DeepSpeed MoE ones written in the stacked layout). The result loads with
+    Blues.from_pretrained."""
     from blues.model import Blues
     model = run.model
-    if run.stage == 3:
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            sd = {k: v.detach().cpu().clone() for k, v in model.export_state_dict().items()}
-    elif run.cfg.moe.moe_backend == "deepspeed":
+    if run.cfg.moe.moe_backend != "deepspeed":
+        sd = full_state_dict(run)
+    else:
         from blues.moe.deepspeed_moe import stacked_state_dict
         sd = stacked_state_dict(model)
         if run.cfg.model.tie_embeddings:
             sd.pop("lm_head.weight", None)
-    else:
-        sd = model.export_state_dict()
     out = None
     if run.dist.rank == 0:
         export_cfg = run.cfg.replace(moe_backend="auto" if run.cfg.moe.moe_backend == "deepspeed"

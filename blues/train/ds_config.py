@@ -84,19 +84,55 @@ def _fill(ds: dict, key: str, blues_value: Any, blues_name: str, where: str = ""
                          f"Blues config: write \"auto\" in the DeepSpeed config or make them equal")
 
 
-def check_parallelism(cfg: BluesConfig, world_size: int, stage: int) -> None:
-    """The combination of MoE backend, expert parallelism, ZeRO stage and world size. (ep_size
-    dividing num_experts is BluesConfig's own check: a config cannot exist without it.)"""
+def check_parallelism(cfg: BluesConfig, world_size: int, stage: int, ds: Optional[dict[str, Any]] = None) -> None:
+    """The combination of MoE backend, expert parallelism, ZeRO stage, world size and the DeepSpeed
+    config `ds` (its zero_optimization section). (ep_size dividing num_experts is BluesConfig's own
+    check: a config cannot exist without it.)
+
+    The stacked backends (torch|triton) mark their experts as DeepSpeed MoE parameters at every ep_size
+    (blues.moe.expert_parallel), so DeepSpeed's MoE rules apply to them even at ep_size=1."""
     ep, backend = cfg.train.ep_size, cfg.moe.moe_backend
+    zero = (ds or {}).get("zero_optimization") or {}
     if backend == "deepspeed" and stage == 3:
         raise ValueError("moe_backend=deepspeed cannot run under ZeRO stage 3 (DeepSpeed refuses its MoE layer "
-                         "there): use moe_backend=torch (or triton on CUDA; stacked experts, every expert on every "
-                         "rank) with ZeRO 3, or a ZeRO 0-2 config (ds_configs/zero2.json) with moe_backend=deepspeed")
-    if ep > 1 and backend != "deepspeed":
-        raise ValueError(f"ep_size={ep} needs moe_backend=deepspeed (got {backend!r}): the stacked backends keep "
-                         "every expert on every rank; set ep_size=1 or moe_backend=deepspeed")
+                         "there): use moe_backend=torch (or triton on CUDA; stacked experts, expert parallelism with "
+                         "ep_size > 1) with ZeRO 3, or a ZeRO 0-2 config (ds_configs/zero2.json) with "
+                         "moe_backend=deepspeed")
     if world_size % ep:
         raise ValueError(f"ep_size={ep} is invalid: must divide the world size {world_size} (number of ranks)")
+    if backend == "deepspeed" or not any(cfg.moe.is_moe_layer(i) for i in range(cfg.model.n_layer)):
+        return
+    if (ds or {}).get("use_data_before_expert_parallelism"):
+        raise ValueError("DeepSpeed config use_data_before_expert_parallelism=true is not supported with "
+                         f"moe_backend={backend}: Blues' experts assume DeepSpeed's default layout (expert-parallel "
+                         "groups of consecutive ranks); remove the key")
+    if stage in (1, 2):
+        for key in ("contiguous_gradients", "reduce_scatter"):
+            if zero.get(key, True) is False:
+                raise ValueError(f"DeepSpeed config zero_optimization.{key}=false cannot run the MoE layer at ZeRO "
+                                 f"{stage}: DeepSpeed reduces expert gradients over their expert-data-parallel group "
+                                 "only with contiguous_gradients and reduce_scatter on (Blues' experts are DeepSpeed "
+                                 f"MoE parameters at every ep_size); set {key}=true (see ds_configs/zero2.json)")
+    if ep == 1:
+        return
+    if stage == 0 and cfg.train.grad_clip > 0:
+        raise ValueError(f"grad_clip={cfg.train.grad_clip} is not available with ep_size={ep} under ZeRO 0: "
+                         "DeepSpeed's ZeRO 0 clipping averages each rank's own gradient norm, which is not the "
+                         "global norm when ranks hold different experts; set grad_clip=0, or use ZeRO 1, 2 or 3 "
+                         "(their norms are global)")
+    if stage == 3:
+        refused = []
+        if zero.get("zero_hpz_partition_size", 1) > 1:
+            refused.append(f"zero_hpz_partition_size={zero['zero_hpz_partition_size']} (hpZ: set 1)")
+        if zero.get("zero_quantized_gradients") or zero.get("zero_quantized_weights"):
+            refused.append("zero_quantized_gradients / zero_quantized_weights (set false)")
+        for key in ("offload_param", "offload_optimizer"):
+            if ((zero.get(key) or {}).get("device") or "none") != "none":
+                refused.append(f"{key}.device={zero[key]['device']!r} (set \"none\")")
+        if refused:
+            raise ValueError(f"ep_size={ep} under ZeRO 3 does not support zero_optimization "
+                             f"{'; '.join(refused)}: DeepSpeed's expert partitioning is untested with them; change "
+                             "them, or use ep_size=1")
 
 
 def resolve_ds_config(ds: dict[str, Any], cfg: BluesConfig, world_size: int,
@@ -111,7 +147,7 @@ def resolve_ds_config(ds: dict[str, Any], cfg: BluesConfig, world_size: int,
             raise ValueError(f"DeepSpeed config has an {section!r} section: Blues builds AdamW and its warmup+cosine "
                              "schedule from lr, min_lr, warmup_steps, lr_decay_steps, weight_decay, beta1, beta2; "
                              f"remove {section!r} from the DeepSpeed config")
-    check_parallelism(cfg, world_size, zero_stage(ds))
+    check_parallelism(cfg, world_size, zero_stage(ds), ds)
 
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "micro_batch_size")
     _fill(ds, "gradient_accumulation_steps", t.grad_accum, "grad_accum")

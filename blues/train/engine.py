@@ -1,8 +1,12 @@
 """Build a DeepSpeed engine for a Blues config: small ordered steps, called from build_engine only,
 in this order (torchtitan style, one place, one order):
 
-    init_distributed -> validate (once per start) -> prepare_data -> build_model -> apply_ac
-    -> apply_zero3_leaf -> build_optimizer -> deepspeed.initialize -> seed_ranks -> build_loaders
+    init_distributed -> validate (once per start) -> ensure_ep_groups -> prepare_data -> build_model
+    -> apply_ac -> apply_ep -> apply_zero3_leaf -> build_optimizer -> deepspeed.initialize -> seed_ranks
+    -> build_loaders
+
+The expert-parallel groups exist before the model, so that each MoE layer keeps its own experts'
+slice as it is built (moe_backend=torch|triton; moe_backend=deepspeed makes its groups itself).
 
 validate() does every check that needs no process group and returns the resolved DeepSpeed config;
 blues-train calls it before it starts anything and hands its result to build_engine(validated=True),
@@ -99,6 +103,19 @@ def apply_ac(model, cfg: BluesConfig) -> None:
         model.gradient_checkpointing_enable()
 
 
+def apply_ep(model, cfg: BluesConfig, ep, stage: int) -> None:
+    """Mark the stacked experts as DeepSpeed MoE parameters of their expert-parallel group `ep`
+    (blues.moe.expert_parallel.mark_expert_params), at every ep_size: their gradients are then reduced
+    over the expert-data-parallel group, and the optimizer groups come out the same at every ep_size
+    (decay, no_decay, ep_size_N), which a checkpoint resharded to another ep_size relies on. At
+    ep_size=1 the expert-data-parallel group is the whole world: the same reduction as without it."""
+    if cfg.moe.moe_backend == "deepspeed":
+        return
+    from blues.moe import MoE
+    from blues.moe.expert_parallel import mark_expert_params
+    mark_expert_params([m for m in model.modules() if isinstance(m, MoE)], ep, stage, cfg.moe.num_experts)
+
+
 def apply_zero3_leaf(model, stage: int) -> None:
     """Under ZeRO 3, fetch each stacked-experts MoE layer as one unit.
 
@@ -117,7 +134,10 @@ def apply_zero3_leaf(model, stage: int) -> None:
 
 
 def build_optimizer(model, cfg: BluesConfig, ds: dict):
-    """AdamW; weight decay on matrices only; DeepSpeed MoE expert parameters in their own groups.
+    """AdamW; weight decay on matrices only; expert parameters (DeepSpeed MoE parameters) in their own
+    group. The stacked backends' groups are decay, no_decay and ep_size_N ('moe': True, the decay
+    settings) at every ep_size: split without a size cap (DeepSpeed's default cap would make the number
+    of groups depend on E_loc, hence on ep_size) and with the empty no_decay expert group dropped.
 
     With ZeRO-Offload: DeepSpeedCPUAdam on CUDA machines (its C++ op JIT-builds once, ~3 min
     measured on the 2-core CPU machines, which is why CPU runs use torch's AdamW there)."""
@@ -127,9 +147,12 @@ def build_optimizer(model, cfg: BluesConfig, ds: dict):
     groups = [{"name": "decay", "params": decay, "weight_decay": t.weight_decay},
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
     if cfg.moe.moe_backend == "deepspeed":
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    elif any(is_moe_param(p) for p in decay):
+        groups = split_params_into_different_moe_groups_for_optimizer(groups, max_group_size=None)
+        groups = [g for g in groups if g["params"]]
     kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     if offloads_optimizer(ds) and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -174,11 +197,16 @@ def build_engine(cfg: BluesConfig, ds_config: Optional[dict] = None, *, with_dat
     else:
         ds = validate(cfg, ds_config if ds_config is not None else BUILTIN_DS_CONFIG, dist.world_size)
     stage = zero_stage(ds)
+    ep = None
+    if cfg.moe.moe_backend != "deepspeed":
+        from blues.moe.expert_parallel import ensure_ep_groups
+        ep = ensure_ep_groups(cfg.train.ep_size)
     meta = tok = None
     if with_data:
         meta, tok = prepare_data(cfg, dist.rank)
     model = build_model(cfg)
     apply_ac(model, cfg)
+    apply_ep(model, cfg, ep, stage)
     apply_zero3_leaf(model, stage)
     optimizer = build_optimizer(model, cfg, ds)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
@@ -195,11 +223,14 @@ def build_engine(cfg: BluesConfig, ds_config: Optional[dict] = None, *, with_dat
 
 def describe(run: Run) -> str:
     """One line of what this rank holds (tests read the expert-parameter counts)."""
-    from blues.moe.deepspeed_moe import num_local_expert_params
-    # under ZeRO 3 a rank holds its partition (ds_tensor) of each parameter
-    n = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in run.model.parameters())
-    n_exp = num_local_expert_params(run.model)
+    from blues.moe.deepspeed_moe import DS_EXPERT_RE
+
+    def here(p):  # under ZeRO 3 a rank holds its partition (ds_tensor) of each parameter
+        return p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    named = list(run.model.named_parameters())
+    n = sum(here(p) for _, p in named)
+    n_exp = sum(here(p) for name, p in named if DS_EXPERT_RE.match(name) or ".experts." in name)
     c = run.cfg
-    return (f"rank {run.dist.rank}/{run.dist.world_size}: {n:,} parameters here, {n_exp:,} of them DeepSpeed-expert "
+    return (f"rank {run.dist.rank}/{run.dist.world_size}: {n:,} parameters here, {n_exp:,} of them expert "
             f"parameters | ZeRO {run.stage} | moe_backend={c.moe.moe_backend} ep_size={c.train.ep_size} | "
             f"dtype={c.train.dtype} | {run.tokens_per_step:,} tokens/step | {run.flops_per_token:,} FLOPs/token")

@@ -30,7 +30,8 @@ CPU_PEAK_FLOPS = 150e9  # the whole machine
 
 def flops_per_token(model: torch.nn.Module, cfg: BluesConfig) -> int:
     """Blues.flops_per_token's formula, counted so that ZeRO 3 partitions (ds_numel) and expert-parallel
-    DeepSpeed experts (E_loc per rank, top_k of E active) give the same figure as the stacked model."""
+    experts (E_loc of E per rank, DeepSpeed's or stacked; top_k of E active) give the same figure as the
+    whole stacked model on one rank."""
     from blues.moe.deepspeed_moe import DS_EXPERT_RE
     K, E = cfg.moe.top_k, cfg.moe.num_experts
     E_loc = E // cfg.train.ep_size
@@ -39,10 +40,8 @@ def flops_per_token(model: torch.nn.Module, cfg: BluesConfig) -> int:
         numel = getattr(p, "ds_numel", p.numel())
         if "norm" in name or (name == "tok_emb.weight" and not cfg.model.tie_embeddings):
             continue
-        if DS_EXPERT_RE.match(name):
+        if DS_EXPERT_RE.match(name) or ".experts." in name:  # this rank's E_loc experts stand for all E
             n += numel * K / E_loc
-        elif ".experts." in name:
-            n += numel * K // E
         else:
             n += numel
     return int(6 * n + 12 * cfg.model.n_layer * cfg.model.n_embd * cfg.model.block_size)

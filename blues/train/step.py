@@ -6,6 +6,8 @@ max_steps), for the optimizer step t = 0, 1, ...:
     T_w <= t <= T_c:   alpha_min + (alpha_max - alpha_min) * (1 + cos(pi * (t - T_w) / (T_c - T_w))) / 2
     t >  T_c:          alpha_min
 A step whose loss is not finite is skipped (no update) but still consumes its data and its t.
+With balance_bias_rate > 0 each applied step ends by moving every MoE layer's selection bias
+(blues.train.balance), from the counts of the same all-reduce that gives the step's metrics.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from blues.config import TrainConfig
+from blues.train.balance import update_bias
 from blues.train.distributed import all_reduce
 from blues.train.engine import Run
 
@@ -47,6 +50,7 @@ class StepResult:
     expert_load_min: float = float("nan")  # min over layers and experts of the share of assignments
     expert_load_max: float = float("nan")
     dropped_frac: float = 0.0
+    expert_selected: Optional[torch.Tensor] = None  # (L_moe, E) chosen per expert, all ranks, before capacity
 
 
 def _set_lr(engine, lr: float) -> None:
@@ -76,7 +80,8 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
     get = batch_fn or (run.loader.next_batch if run.loader is not None else lambda: _random_batch(run))
     grad_accum = c.train.grad_accum
     E, L = c.moe.num_experts, run.num_moe_layers
-    sums = torch.zeros(6 + L * E, dtype=torch.float64)  # loss ce aux z dropped stop | counts (L*E)
+    # loss ce aux z dropped stop | kept counts (L*E) | selected counts (L*E, before capacity: balancing)
+    sums = torch.zeros(6 + 2 * L * E, dtype=torch.float64)
     bad_at = None
     for micro in range(grad_accum):
         x, y = get()
@@ -97,8 +102,8 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
         sums[2] += out.aux_loss.detach().item()
         sums[3] += out.z_loss.detach().item()
         sums[4] += out.dropped.detach().item()
-        if out.expert_counts is not None:
-            sums[6:] += out.expert_counts.detach().double().cpu().reshape(-1)
+        if out.expert_counts is not None:  # one device-to-host copy for both (2, L, E)
+            sums[6:] += torch.stack((out.expert_counts, out.expert_selected)).detach().double().cpu().reshape(-1)
     skipped = bad_at is not None
     if skipped and bad_at > 0 and engine.was_step_applied():
         raise FloatingPointError(
@@ -114,11 +119,13 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
                      lr=lr, grad_norm=None if gn is None else float(gn), seconds=0.0, skipped=skipped,
                      stop_signal=sums[5].item() > 0)
     if L and not skipped:
-        counts = sums[6:].view(L, E)
+        counts, res.expert_selected = sums[6:].view(2, L, E)
         share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
         res.expert_load_min, res.expert_load_max = share.min().item(), share.max().item()
         assigned = n * c.train.micro_batch_size * c.model.block_size * c.moe.top_k * L
         res.dropped_frac = sums[4].item() / assigned
+        if c.moe.balance_bias_rate > 0 and engine.was_step_applied():  # not after a loss-scale overflow either
+            update_bias(run.model, res.expert_selected, c.moe.balance_bias_rate)
     run.step += 1
     run.tokens_seen += run.tokens_per_step
     if skipped:

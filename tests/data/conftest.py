@@ -85,7 +85,7 @@ def split_documents():
 
 @pytest.fixture(scope="session")
 def builtin_cache(tmp_path_factory):
-    """The built-in corpus prepared once for every test that only reads it."""
+    """The small built-in corpus (pydoc, 110k tokens) prepared once for every test that only reads it."""
     data_dir = tmp_path_factory.mktemp("builtin")
-    prepare(data_dir=str(data_dir))
+    prepare(data_dir=str(data_dir), corpus="pydoc")
     return str(data_dir)

@@ -10,7 +10,7 @@ from blues.data.sources import builtin_corpus
 def test_cli_train_and_info(tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()
-    (src / "a.txt").write_text(" ".join(builtin_corpus()[:5]))
+    (src / "a.txt").write_text(" ".join(builtin_corpus("pydoc")[:5]))
     assert main(["train", "--out", str(tmp_path / "t"), "--vocab_size", "700", "--input_dir", str(src)]) == 0
     assert "n_vocab=700" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "t")]) == 0
@@ -33,7 +33,7 @@ def test_cli_unwritable_out_is_one_line_error(tmp_path, capsys):
     blocker.write_text("a file where a folder should be")
     src = tmp_path / "in"
     src.mkdir()
-    (src / "a.txt").write_text(" ".join(builtin_corpus()[:5]))
+    (src / "a.txt").write_text(" ".join(builtin_corpus("pydoc")[:5]))
     rc = main(["train", "--out", str(blocker / "t"), "--vocab_size", "300", "--input_dir", str(src)])
     err = capsys.readouterr().err
     assert rc == EXIT_USAGE and err.count("\n") == 1, err

@@ -19,23 +19,23 @@ EOT = ENDOFTEXT
 # ----------------------------------------------------------------------------- the built-in corpus
 
 def test_rerun_reuses_the_cache_without_tokenizing(tmp_path, monkeypatch, no_network):
-    first = prepare(data_dir=str(tmp_path))
+    first = prepare(data_dir=str(tmp_path), corpus="pydoc")
     assert first["reused"] is False
 
     def must_not_run(*a, **k):
         raise AssertionError("tokenized again although the inputs did not change")
 
     monkeypatch.setattr(bprep, "_encode_docs", must_not_run)
-    second = prepare(data_dir=str(tmp_path))
+    second = prepare(data_dir=str(tmp_path), corpus="pydoc")
     assert second["reused"] is True
     assert (second["fingerprint"], second["build_id"]) == (first["fingerprint"], first["build_id"])
     assert no_network == []
 
 
 def test_cache_dir_is_still_accepted_as_the_old_name_of_data_dir(tmp_path, monkeypatch):
-    first = prepare(data_dir=str(tmp_path / "c"), progress=False)
+    first = prepare(data_dir=str(tmp_path / "c"), progress=False, corpus="pydoc")
     monkeypatch.setattr(bprep, "_encode_docs", lambda *a: pytest.fail("the old name reached another folder"))
-    again = prepare(cache_dir=str(tmp_path / "c"), progress=False)
+    again = prepare(cache_dir=str(tmp_path / "c"), progress=False, corpus="pydoc")
     assert again["reused"] is True and again["build_id"] == first["build_id"]
     assert again["data_dir"] == str(tmp_path / "c")
     with pytest.raises(ValueError, match=r"data_dir='a' and cache_dir='b' \(its old name\) are both given"):
@@ -73,14 +73,14 @@ def test_changed_inputs_rebuild_and_untouched_content_reuses(tmp_path, write_inp
     assert "a changed first document" in found and docs[0] not in found
     for kwargs in ({"val_fraction": 0.3}, {"seed": 1}, {"tokenizer": str(tmp_path / "tok")}):
         if "tokenizer" in kwargs:
-            train_tokenizer(builtin_corpus()[:10], 700, "other").save(kwargs["tokenizer"])
+            train_tokenizer(builtin_corpus("pydoc")[:10], 700, "other").save(kwargs["tokenizer"])
         assert prepare(data_dir=cache, input_dir=str(src), **kwargs)["reused"] is False, kwargs
 
 
 def test_num_proc_2_writes_the_same_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(bprep, "CHUNK_DOCS", 8)  # several chunks, so order across workers matters
-    a = prepare(data_dir=str(tmp_path / "p1"), num_proc=1)
-    b = prepare(data_dir=str(tmp_path / "p2"), num_proc=2)
+    a = prepare(data_dir=str(tmp_path / "p1"), num_proc=1, corpus="pydoc")
+    b = prepare(data_dir=str(tmp_path / "p2"), num_proc=2, corpus="pydoc")
     assert a["fingerprint"] == b["fingerprint"]
     for name in ("train.bin", "val.bin"):
         assert (tmp_path / "p1" / name).read_bytes() == (tmp_path / "p2" / name).read_bytes()
@@ -103,7 +103,7 @@ def test_vocab_size_and_a_tokenizer_together_are_refused(tmp_path):
 def test_training_a_tokenizer_on_the_train_split(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    for i, doc in enumerate(builtin_corpus()[:20]):
+    for i, doc in enumerate(builtin_corpus("pydoc")[:20]):
         (src / f"{i:02d}.txt").write_text(doc)
     meta = prepare(data_dir=str(tmp_path / "c"), input_dir=str(src), vocab_size=1024)
     tok = Tokenizer.load(str(tmp_path / "c"))
@@ -119,7 +119,7 @@ def test_ensure_prepared_keeps_a_users_cache_and_builds_when_empty(tmp_path, mon
     monkeypatch.setattr(bprep, "_encode_docs", lambda *a: pytest.fail("rebuilt a prepared folder"))
     assert ensure_prepared(str(tmp_path / "c"))["build_id"] == mine["build_id"]
     monkeypatch.undo()
-    built = ensure_prepared(str(tmp_path / "empty"))
+    built = ensure_prepared(str(tmp_path / "empty"), corpus="pydoc")
     assert built["source"]["kind"] == "builtin" and built["reused"] is False
 
 
@@ -128,7 +128,7 @@ def test_ensure_prepared_builds_in_a_folder_holding_only_hidden_entries(tmp_path
     d = tmp_path / "d"
     (d / ".tmp-prepare-otherhost-1-abcd").mkdir(parents=True)
     (d / ".prepare.lock").write_text("")
-    meta = ensure_prepared(str(d), progress=False)
+    meta = ensure_prepared(str(d), progress=False, corpus="pydoc")
     assert meta["reused"] is False and meta["source"]["kind"] == "builtin"
     assert load_meta(str(d))["build_id"] == meta["build_id"]
 
@@ -146,7 +146,7 @@ def test_ensure_prepared_refuses_a_folder_with_other_content_and_writes_nothing(
 
 def test_ensure_prepared_refuses_damaged_data_and_leaves_it_for_the_user(tmp_path):
     d = tmp_path / "c"
-    prepare(data_dir=str(d), progress=False)
+    prepare(data_dir=str(d), progress=False, corpus="pydoc")
     with open(d / "train.bin", "r+b") as f:
         f.truncate(10)  # a copy cut short
     before = sorted(os.listdir(d))
@@ -157,7 +157,7 @@ def test_ensure_prepared_refuses_damaged_data_and_leaves_it_for_the_user(tmp_pat
 
 def test_ensure_prepared_refuses_meta_of_another_format_version(tmp_path):
     d = tmp_path / "c"
-    prepare(data_dir=str(d), progress=False)
+    prepare(data_dir=str(d), progress=False, corpus="pydoc")
     meta = json.loads((d / "meta.json").read_text())
     (d / "meta.json").write_text(json.dumps({**meta, "version": 99}))
     with pytest.raises(ValueError, match="meta.json has format version 99, this Blues reads 1"):
@@ -207,7 +207,7 @@ prepare(data_dir=cache, input_dir=src)
 def test_killed_during_commit_leaves_no_complete_looking_cache(tmp_path, write_inputs):
     src = write_inputs(tmp_path / "in")
     cache = str(tmp_path / "c")
-    prepare(data_dir=cache)  # a complete cache of other inputs (the built-in corpus)
+    prepare(data_dir=cache, corpus="pydoc")  # a complete cache of other inputs (the small built-in corpus)
     r = subprocess.run([sys.executable, "-c", KILL_IN_COMMIT, cache, str(src)], capture_output=True, timeout=60)
     assert r.returncode == -signal.SIGKILL, r.stderr
     with pytest.raises(ValueError, match="holds no prepared data"):
@@ -220,7 +220,7 @@ def test_killed_during_commit_leaves_no_complete_looking_cache(tmp_path, write_i
 
 def test_concurrent_prepares_of_one_cache_both_succeed(tmp_path):
     cache = str(tmp_path / "c")
-    code = ("import sys; from blues.data.prepare import prepare; m = prepare(data_dir=sys.argv[1]); "
+    code = ("import sys; from blues.data.prepare import prepare; m = prepare(data_dir=sys.argv[1], corpus='pydoc'); "
             "print(m['reused'])")
     procs = [subprocess.Popen([sys.executable, "-c", code, cache], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]

@@ -39,6 +39,7 @@ def test_same_function_as_stacked_backend(kw):
     torch.testing.assert_close(a.aux_loss, b.aux_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(a.z_loss, b.z_loss, rtol=1e-6, atol=1e-6)
     assert torch.equal(a.expert_counts, b.expert_counts)
+    assert torch.equal(a.expert_selected, b.expert_selected) and torch.equal(a.expert_selected, a.expert_counts)
     assert int(a.dropped) == int(b.dropped) == 0
     a.loss.backward()
     b.loss.backward()
@@ -63,6 +64,8 @@ def test_capacity_counts_kept_and_dropped():
     assert int(out.expert_counts.max()) <= cap
     assert int(out.expert_counts.sum()) + int(out.dropped) == 2 * 48 * 2  # kept + dropped = layers * N * K
     assert int(out.dropped) > 0
+    # selected counts every assignment before the cut (what balancing reads): each layer's N * K
+    assert out.expert_selected.sum(dim=1).tolist() == [48 * 2] * 2 and (out.expert_selected >= out.expert_counts).all()
 
 
 def test_noise_only_in_training():

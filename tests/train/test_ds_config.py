@@ -129,9 +129,52 @@ def test_ep_size_must_divide_experts_and_world():
         tiny().replace(moe_backend="deepspeed", ep_size=3)
 
 
-def test_ep_size_needs_deepspeed_backend():
-    with pytest.raises(ValueError, match="ep_size=2 needs moe_backend=deepspeed"):
-        check_parallelism(tiny().replace(moe_backend="torch", ep_size=2), world_size=2, stage=2)
+@pytest.mark.parametrize("backend", ["torch", "triton", "deepspeed"])
+@pytest.mark.parametrize("name", ["zero0.json", "zero1.json", "zero2.json", "zero2_offload.json", "zero3.json"])
+def test_ep_size_2_runs_on_every_backend_and_stage(backend, name):
+    """Expert parallelism is the stacked backends' too (issue 10); ZeRO 0 needs grad_clip=0 with it
+    (tested below), ZeRO 3 refuses DeepSpeed's own MoE layer (tested above)."""
+    ds = load_ds_config(os.path.join(DS_CONFIG_DIR, name))
+    if backend == "deepspeed" and name == "zero3.json":
+        return
+    cfg = tiny().replace(moe_backend=backend, ep_size=2, grad_clip=0.0 if name == "zero0.json" else 1.0)
+    check_parallelism(cfg, world_size=2, stage=zero_stage(ds), ds=ds)
+
+
+@pytest.mark.parametrize("zero, field", [
+    ({"stage": 2, "contiguous_gradients": False}, "zero_optimization.contiguous_gradients=false"),
+    ({"stage": 1, "reduce_scatter": False}, "zero_optimization.reduce_scatter=false"),
+])
+@pytest.mark.parametrize("ep", [1, 2])
+def test_stacked_experts_need_deepspeeds_moe_reduction_settings(zero, field, ep):
+    # at every ep_size: the stacked experts are DeepSpeed MoE parameters at ep_size=1 too
+    with pytest.raises(ValueError, match=f"{field} cannot run the MoE layer at ZeRO {zero['stage']}.*set "):
+        check_parallelism(tiny().replace(moe_backend="torch", ep_size=ep), world_size=2, stage=zero["stage"],
+                          ds={"zero_optimization": zero})
+
+
+def test_zero0_ep_refuses_grad_clip():
+    with pytest.raises(ValueError, match=r"grad_clip=1.0 is not available with ep_size=2 under ZeRO 0.*grad_clip=0"):
+        check_parallelism(tiny().replace(moe_backend="torch", ep_size=2, grad_clip=1.0), world_size=2, stage=0)
+    check_parallelism(tiny().replace(moe_backend="torch", ep_size=1, grad_clip=1.0), world_size=2, stage=0)
+
+
+@pytest.mark.parametrize("zero, named", [
+    ({"zero_hpz_partition_size": 2}, "zero_hpz_partition_size=2"),
+    ({"zero_quantized_gradients": True}, "zero_quantized_gradients"),
+    ({"offload_param": {"device": "cpu"}}, "offload_param.device='cpu'"),
+    ({"offload_optimizer": {"device": "cpu"}}, "offload_optimizer.device='cpu'"),
+])
+def test_zero3_ep_refuses_what_deepspeed_does_not_support_there(zero, named):
+    with pytest.raises(ValueError, match=f"ep_size=2 under ZeRO 3 does not support zero_optimization .*{named}"):
+        check_parallelism(tiny().replace(moe_backend="torch", ep_size=2), world_size=2, stage=3,
+                          ds={"zero_optimization": dict(stage=3, **zero)})
+
+
+def test_data_before_expert_parallelism_is_refused():
+    with pytest.raises(ValueError, match="use_data_before_expert_parallelism=true is not supported"):
+        check_parallelism(tiny().replace(moe_backend="torch", ep_size=2), world_size=2, stage=2,
+                          ds={"use_data_before_expert_parallelism": True})
 
 
 def test_zero_stage():
