@@ -35,7 +35,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "ruff==0.17.6"],
+        # transformers: tests/test_hf.py's references (tiny Mixtral / Qwen3-MoE built from a config, no download);
+        # matplotlib: blues-experts plot and benchmarks/quality.py's PNG. 5.23+ breaks DeepSpeed 0.19.8's AutoEP.
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "ruff==0.17.6", "transformers==5.22.2",
+                "matplotlib>=3.8"],
         "flash": ["flash-attn>=2.6"],
         # benchmarks/ep_throughput.py: DeepSpeed 0.19.8's AutoEP on HF Mixtral (5.23+ breaks its preset);
         # benchmarks/quality.py: its PNG of validation loss against steps and seconds
@@ -48,6 +51,10 @@ setup(
             "blues-generate=blues.cli.generate:main",
             "blues-probe=blues.cli.probe:main",
             "blues-submit=blues.cli.submit:main",
+            "blues-import=blues.cli.hf:import_main",
+            "blues-export=blues.cli.hf:export_main",
+            "blues-experts=blues.cli.experts:main",
+            "blues-prune=blues.cli.prune:main",
         ]
     },
 )

@@ -19,6 +19,11 @@ the built-in ZeRO-2 config of blues.train, the same on every engine), on the sam
                ("expert_parallel": {"enabled": true, "autoep_size": 2 or 1, "preset_model": "mixtral"});
                needs transformers==5.22.2 (pip install -e .[bench]) and the optimizer passed as a
                callable that splits the MoE parameter groups (see the facts file).
+  dense_floor  Blues with every MoE layer replaced by one dense SwiGLU of top_k * expert_ffn_size (the
+               experts' active FLOPs per token, no router, no dispatch), data parallel 2: the floor no MoE
+               layer can beat on this machine. dense_floor / ds_ep2 is the most any MoE layer could gain
+               over DeepSpeed's native one at the shape (the rest of the step -- attention, the LM head,
+               the loss, the optimizer -- is the same for every Blues engine).
 An implementation whose engine cannot be built (e.g. Blues EP before it exists) is reported as
 unavailable with its error, and the others still run.
 
@@ -59,7 +64,7 @@ processes, before and after. Prints a table and writes benchmarks/results/ep_thr
 --pause_while /tmp/ci_quiet.lock holds every timed segment while that file exists.
 
 Profile (--profile SHAPE): after the timing rounds of SHAPE (balanced routing), every rank runs
---profile_steps steps of blues_ep2 and then of autoep_ep2 under torch.profiler (CPU), forward /
+--profile_steps steps of blues_ep2, ds_ep2, autoep_ep2 and dense_floor under torch.profiler (CPU), forward /
 backward / optimizer step as marked ranges, and splits each rank's time by the op categories in
 CATEGORIES: GEMMs, attention, the loss, the expert exchange (all-to-all, with the Python of the
 autograd Function around it and its wait for the other rank), other collectives (ZeRO's gradient
@@ -91,21 +96,25 @@ sys.path.insert(0, HERE)
 from _common import machine  # noqa: E402
 from moe_layer import cpu_pressure, environment, routing_logits  # noqa: E402
 
-# name: model widths (the rest from the tiny preset), default timed steps per round
+# name: model widths and micro-batch (the rest from the tiny preset), default timed steps per round
 SHAPES = {
-    "tiny": dict(n_embd=128, n_head=4, num_kv_heads=1, expert_ffn_size=256, num_experts=8, top_k=2, steps=30),
-    "wide": dict(n_embd=512, n_head=8, num_kv_heads=2, expert_ffn_size=1024, num_experts=8, top_k=2, steps=10),
-    "e64": dict(n_embd=512, n_head=8, num_kv_heads=2, expert_ffn_size=256, num_experts=64, top_k=8, steps=10),
+    "tiny": dict(n_embd=128, n_head=4, num_kv_heads=1, expert_ffn_size=256, num_experts=8, top_k=2, steps=30,
+                 micro_batch_size=8),
+    "wide": dict(n_embd=512, n_head=8, num_kv_heads=2, expert_ffn_size=1024, num_experts=8, top_k=2, steps=10,
+                 micro_batch_size=8),
+    "e64": dict(n_embd=512, n_head=8, num_kv_heads=2, expert_ffn_size=256, num_experts=64, top_k=8, steps=10,
+                micro_batch_size=8),
     # --smoke: a script check, not a measurement
     "smoke": dict(n_embd=32, n_head=2, num_kv_heads=1, expert_ffn_size=32, num_experts=4, top_k=2, steps=2,
                   n_layer=1, block_size=32, micro_batch_size=2),
 }
-ALL_IMPLS = ["blues_ep2", "blues_ep1", "ds_ep2", "autoep_ep2", "autoep_ep1"]
+ALL_IMPLS = ["blues_ep2", "blues_ep1", "ds_ep2", "autoep_ep2", "autoep_ep1", "dense_floor"]
 ZIPF_S = 1.2
 # (numerator, denominator, routing or None for both, target) as the issue states them
 TARGETS = [("blues_ep2", "ds_ep2", "balanced", 1.5), ("blues_ep2", "ds_ep2", "zipf", 3.0),
            ("blues_ep2", "blues_ep1", None, 0.95), ("blues_ep2", "autoep_ep2", None, None),
-           ("autoep_ep2", "autoep_ep1", None, None)]
+           ("autoep_ep2", "autoep_ep1", None, None), ("dense_floor", "ds_ep2", None, None),
+           ("blues_ep2", "dense_floor", None, None)]
 AUTOEP_TARGET = {"tiny": 1.1, "wide": 1.2, "e64": 1.2}
 
 
@@ -182,7 +191,10 @@ def blues_config(shape: str, impl: str, out_dir: str):
     from blues.config import get_preset
     s = {k: v for k, v in SHAPES[shape].items() if k != "steps"}
     backend, ep = {"blues_ep2": ("torch", 2), "blues_ep1": ("torch", 1), "ds_ep2": ("deepspeed", 2),
-                   "autoep_ep2": ("torch", 2), "autoep_ep1": ("torch", 1)}[impl]
+                   "autoep_ep2": ("torch", 2), "autoep_ep1": ("torch", 1), "dense_floor": ("torch", 1)}[impl]
+    if impl == "dense_floor":  # every layer dense, with the experts' active hidden size
+        s.update(num_dense_layers=s.get("n_layer", get_preset("tiny").model.n_layer),
+                 dense_ffn_size=s["top_k"] * s["expert_ffn_size"])
     return get_preset("tiny").replace(**s, moe_backend=backend, ep_size=ep, router_noise_std=0.0,
                                       capacity_factor=None, warmup_steps=0, max_steps=10 ** 6, out_dir=out_dir)
 
@@ -456,7 +468,7 @@ def run_shape(shape: str, args, dist, root: str) -> dict:
             res["profile"] = {}
             Draw.set("balanced", N, E, K, rank)
             for b in benches:
-                if b.name in ("blues_ep2", "autoep_ep2"):
+                if b.name in ("blues_ep2", "ds_ep2", "autoep_ep2", "dense_floor"):
                     pause_while(args.pause_while)
                     p = [None] * dist.world_size
                     torch.distributed.all_gather_object(p, profile_steps(b, fixed_batch(cfg, rank),

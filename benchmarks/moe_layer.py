@@ -17,6 +17,12 @@ Implementations (--impls):
   ds_nodrop         deepspeed.moe.layer.MoE, drop_tokens=False: every expert padded to the busiest one
   ds_cf1.0, ds_cf1.25  the same with capacity factor 1.0 / 1.25: DROPS TOKENS (different output)
   naive             a Python loop over experts, each gathering its tokens and adding back its outputs
+  grouped_mm        torch._grouped_mm, torchtitan's and DeepSpeed AutoEP's grouped-experts path: routing
+                    in torch, rows sorted by expert (argsort), gate/up/down as three grouped GEMMs (int32
+                    cumulative end offsets per expert), combine by gather; bf16 on sm_90 runs CUTLASS, other
+                    dtypes or devices torch's fallback (a loop of mm that reads the offsets on the host).
+                    Where it cannot run here (no torch._grouped_mm, or it raises on this device, dtype or
+                    width: sm_90 wants 16-byte-aligned strides) it is reported unavailable, not replaced
   floor             dense GEMMs doing the same FLOPs (6*T*K*D*F forward, 12*T*K*D*F backward) on
                     preallocated buffers: the floor every ratio is read against
 
@@ -41,6 +47,11 @@ time.perf_counter; CUDA: CUDA events, 10 warm-ups, 50 repetitions. Peak memory: 
 max_memory_allocated during one forward+backward, minus what was allocated before; CPU the peak of
 live tensor bytes over one forward+backward from torch.profiler's memory timeline, minus the bytes
 live at its start. Every measurement is a JSON row in benchmarks/results/moe_layer_{cpu,cuda}.jsonl.
+
+Correctness: before timing, every implementation's output is compared with the fp32 torch reference on
+the same inputs (max |out - ref| / max |ref|, OUTPUT_TOL below); a wrong output marks its rows
+(`output_ok: false`) and the run exits 1 after writing them. `--inject_wrong IMPL` (for
+tests/test_gpu_check.py only) scales IMPL's output by 1.1 to show that a wrong output fails the run.
 """
 from __future__ import annotations
 
@@ -90,9 +101,18 @@ SHAPES = {
     "S3b": (16384, 4096, 14336, 8, 2),
 }
 CPU_SHAPES = ["C1", "C2"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GPU_SHAPES = ["S1", "S2", "S3a", "S3b"]
-ALL_IMPLS = ["blues_triton", "blues_triton_5ops", "blues_torch", "blues_torch_5ops", "ds_nodrop", "ds_cf1.0",
-             "ds_cf1.25", "naive", "floor"]
+ALL_IMPLS = ["blues_triton", "blues_triton_5ops", "blues_torch", "blues_torch_5ops", "grouped_mm", "ds_nodrop",
+             "ds_cf1.0", "ds_cf1.25", "naive", "floor"]
+# Largest accepted max|got - want| / max|want| against the fp32 torch reference on the same inputs, for
+# the layer's output here and for every op's outputs and gradients in benchmarks/gpu_check.py.
+# fp32: true fp32 products everywhere (the Triton kernels use input_precision="ieee", torch's TF32 is off):
+# only the order of the sums differs (0 to 3e-9 measured at the tiny shape). fp16: the hidden activations
+# and the SwiGLU gradients feeding a GEMM are rounded to 11 mantissa bits (2^-11 = 4.9e-4 relative): a few
+# of those. bf16: 8 bits (2^-8); 2e-2 is the kernel tests' bf16 tolerance (tests/kernels/test_moe_grouped_gemm.py).
+OUTPUT_TOL = {"fp32": 1e-4, "fp16": 4e-3, "bf16": 2e-2}
+WRONG_SCALE = 1.1  # --inject_wrong: a 10% error, far outside every tolerance above
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,6 +346,62 @@ class NaiveImpl(Impl):
         return [self.x, self.logits, self.wg, self.wu, self.wd]
 
 
+class ImplUnavailable(RuntimeError):
+    """An implementation that cannot run on this device, dtype or shape (reported, never replaced)."""
+
+
+def grouped_mm_unavailable(D: int, Fh: int, dtype: torch.dtype, device: str) -> Optional[str]:
+    """Why torch._grouped_mm cannot run the layer's three products here, or None: a forward and backward
+    of a two-expert problem with the layer's widths (an empty expert included) on the device."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    try:
+        x = torch.randn(24, D, device=device, dtype=dtype, requires_grad=True)
+        w1 = torch.randn(2, D, Fh, device=device, dtype=dtype, requires_grad=True)
+        w2 = torch.randn(2, Fh, D, device=device, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([0, 24], dtype=torch.int32, device=device)
+        y = torch._grouped_mm(torch._grouped_mm(x, w1, offs=offs), w2, offs=offs)  # (24, D)
+        y.backward(torch.randn_like(y))
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        return f"torch._grouped_mm raised on {device} {dtype} D={D} F={Fh}: {str(e).splitlines()[0][:200]}"
+    return None
+
+
+class GroupedMMImpl(Impl):
+    """torch._grouped_mm as torchtitan's MoE and DeepSpeed AutoEP (deepspeed/moe/ep_experts.py) call it:
+    mat_a (S, D_in) rows sorted by expert, mat_b (E, D_in, D_out), offs (E,) int32 cumulative END row of
+    each expert (an empty expert repeats the previous end). Counts come from a scatter_add, not bincount,
+    which reads its maximum on the host on CUDA."""
+
+    name = "grouped_mm"
+
+    def __init__(self, p: dict):
+        why = grouped_mm_unavailable(p["D"], p["F"], p["dtype"], p["device"])
+        if why is not None:
+            raise ImplUnavailable(why)
+        self.K = p["K"]
+        self.x, self.logits, self.wg, self.wu, self.wd = _leaves(p, "x", "logits", "w_gate", "w_up", "w_down")
+
+    def forward(self):
+        T, D = self.x.shape
+        E, K = self.wg.shape[0], self.K
+        probs = torch.softmax(self.logits.float(), dim=-1)  # (T, E)
+        w, ids = torch.topk(probs, K, dim=-1)  # (T, K)
+        w = w / w.sum(-1, keepdim=True)
+        flat = ids.reshape(-1)  # (S,)
+        order = torch.argsort(flat, stable=True)  # (S,) slots in expert order
+        counts = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,)
+        xp = self.x[order // K]  # (S, D)
+        h = F.silu(torch._grouped_mm(xp, self.wg, offs=offs)) * torch._grouped_mm(xp, self.wu, offs=offs)  # (S, F)
+        y = torch._grouped_mm(h, self.wd, offs=offs)  # (S, D)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return (y[inverse].view(T, K, D).float() * w.unsqueeze(-1)).sum(1).to(self.x.dtype)  # (T, D)
+
+    def params(self):
+        return [self.x, self.logits, self.wg, self.wu, self.wd]
+
+
 class FloorImpl(Impl):
     """The layer's GEMMs, dense over S = T*K rows with one expert's weights, into preallocated outputs:
     forward G = X Wg, U = X Wu, Y = H Wd; backward dH = dY Wd^T, dWd = H^T dY, dX = dG Wg^T + dU Wu^T,
@@ -356,7 +432,32 @@ class FloorImpl(Impl):
         torch.mm(self.X.t(), self.dU, out=self.dWu)
 
 
-def build_impl(name: str, p: dict) -> Impl:
+class WrongImpl(Impl):
+    """--inject_wrong: another implementation with its output scaled by WRONG_SCALE (tests only)."""
+
+    def __init__(self, inner: Impl):
+        self.inner, self.name = inner, inner.name
+
+    def forward(self):
+        return self.inner.forward() * WRONG_SCALE
+
+    def params(self):
+        return self.inner.params()
+
+
+def build_impl(name: str, p: dict, wrong: bool = False) -> Impl:
+    """The implementation `name` on problem p (ImplUnavailable where it cannot run); `wrong` for tests."""
+    impl = _build_impl(name, p)
+    if wrong:
+        if isinstance(impl, FloorImpl):
+            raise ValueError("--inject_wrong floor: the floor has no output to check; name another implementation")
+        return WrongImpl(impl)
+    return impl
+
+
+def _build_impl(name: str, p: dict) -> Impl:
+    if name == "grouped_mm":
+        return GroupedMMImpl(p)
     if name.startswith("blues_"):
         return BluesImpl(p, triton="triton" in name, fused=not name.endswith("_5ops"))
     if name == "ds_nodrop":
@@ -463,9 +564,17 @@ def check_outputs(impls: list, p: dict) -> dict:
     return errs
 
 
+def output_ok(name: str, rel_err: Optional[float], dtype: str) -> Optional[bool]:
+    """Is `name`'s output right (rel_err within OUTPUT_TOL[dtype])? None where it is not checked: the
+    floor has no output and the capacity-limited DeepSpeed variants drop tokens by design. NaN fails."""
+    if rel_err is None or name.startswith("ds_cf"):
+        return None
+    return bool(rel_err <= OUTPUT_TOL[dtype])
+
+
 def run(args) -> list:
     device = args.device
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     clock = Clock(device)
     rows = []
     err = check_mirror_matches_layer()
@@ -487,11 +596,18 @@ def run(args) -> list:
                     continue
                 if name.startswith("ds_") and (K == 1):
                     continue
-                impls.append(build_impl(name, p))
+                try:
+                    impls.append(build_impl(name, p, wrong=name == args.inject_wrong))
+                except ImplUnavailable as e:
+                    print(f"  {name}: unavailable ({e})")
+                    rows.append(dict(benchmark="moe_layer", impl=name, shape=shape, dtype=args.dtype, device=device,
+                                     routing=routing, available=False, reason=str(e)))
             errs = check_outputs(impls, p)
             for name, e in errs.items():
                 drops = '  (drops tokens)' if name.startswith('ds_cf') else ''
-                print(f"  {name:18s} max|out - blues_torch| / max|out| = {e:.1e}{drops}")
+                ok = output_ok(name, e, args.dtype)
+                verdict = "" if ok is None else ("  ok" if ok else f"  WRONG (> {OUTPUT_TOL[args.dtype]:.0e})")
+                print(f"  {name:18s} max|out - blues_torch| / max|out| = {e:.1e}{drops}{verdict}")
             for _ in range(args.warmup):
                 for impl in impls:
                     measure_once(impl, p["dy"], clock)
@@ -531,7 +647,9 @@ def run(args) -> list:
                            x_ds_nodrop_fwd_bwd_paired=paired("ds_nodrop", impl.name),
                            peak_bytes=mem, reps=args.reps, warmup=args.warmup, threads=torch.get_num_threads(),
                            env=environment(), cpu_pressure_pct=pressure,
-                           rel_err_vs_blues_torch=errs.get(impl.name), drops_tokens=impl.name.startswith("ds_cf"))
+                           rel_err_vs_blues_torch=errs.get(impl.name), drops_tokens=impl.name.startswith("ds_cf"),
+                           output_ok=output_ok(impl.name, errs.get(impl.name), args.dtype),
+                           output_tol=OUTPUT_TOL[args.dtype], available=True)
                 rows.append(row)
                 nan = float("nan")
                 print(f"  {impl.name:18s} {m['fwd'] * 1e3:8.1f} {m['bwd'] * 1e3:8.1f} {m['fwd_bwd'] * 1e3:8.1f} "
@@ -557,11 +675,13 @@ def main():
     ap.add_argument("--routing", nargs="+", default=["balanced", "zipf"], choices=["balanced", "zipf"])
     ap.add_argument("--zipf_s", type=float, default=1.2)
     ap.add_argument("--impls", nargs="+", default=None, choices=ALL_IMPLS)
-    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", default=None, choices=list(DTYPES))
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--no_memory", dest="memory", action="store_false", help="skip the peak-memory pass")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--inject_wrong", default=None, choices=ALL_IMPLS, metavar="IMPL",
+                    help="tests only: scale IMPL's output by 1.1 to check that a wrong output fails the run")
     args = ap.parse_args()
     gpu = args.device == "cuda"
     args.shapes = args.shapes or (GPU_SHAPES if gpu else CPU_SHAPES)
@@ -577,6 +697,10 @@ def main():
     rows = run(args)
     write_rows(args.out, rows)
     print(f"\n{len(rows)} rows appended to {args.out}")
+    wrong = sorted({f"{r['impl']} at {r['shape']} {r['routing']}" for r in rows if r.get("output_ok") is False})
+    if wrong:
+        print(f"FAILED: wrong output from {', '.join(wrong)} (rows marked output_ok=false)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

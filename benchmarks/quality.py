@@ -1,10 +1,12 @@
 """Quality: does the MoE earn its experts? Validation loss of the MoE against dense models, per step
 and per second, on the built-in corpus.
 
-    python benchmarks/quality.py                    # tiny preset, 600 steps, seeds 1 2 3 (~40 min on 2 cores)
+    python benchmarks/quality.py                    # tiny preset, its 400 steps, seeds 1 2 3 (~1 h on 1 core)
     python benchmarks/quality.py --smoke            # 2 models, 1 seed, 20 steps: the script works (~1 min)
     python benchmarks/quality.py --models moe dense_active --set router_noise_std=0 --out /tmp/q.json
     python benchmarks/quality.py --models moe --variant nonoise:router_noise_std=0 --variant e16:num_experts=16
+    python benchmarks/quality.py --seeds 1 --out q1.json & python benchmarks/quality.py --seeds 2 3 --out q23.json
+    python benchmarks/quality.py --merge q1.json q23.json      # one row and PNG from runs on two cores
 
 Models (all from the base config: --preset plus --set overrides; same steps, same batches per seed):
 - moe:          the base config as it is
@@ -40,11 +42,15 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 MODELS = ("moe", "dense_active", "dense_total", "moe_e8", "moe_e16")
+SHOWN = ("n_layer", "n_embd", "vocab_size", "micro_batch_size", "num_experts", "top_k", "expert_ffn_size",
+         "num_shared_experts", "num_dense_layers", "dense_ffn_size", "router_noise_std", "aux_loss_coef",
+         "z_loss_coef", "balance_bias_rate", "lr", "min_lr", "warmup_steps")
 
 
 def model_configs(base, names, variants=()):
@@ -85,10 +91,13 @@ def param_counts(cfg) -> dict:
             "non_embedding_active": ref.num_params(active_only=True) - ref.tok_emb.weight.numel()}
 
 
-def run_seed(configs: dict, seed: int, steps: int, eval_every: int, data: str, dist) -> dict:
-    """Train every model for `steps` steps, in turns of eval_every steps; name -> curve."""
+def run_seed(configs: dict, seed: int, steps: int, eval_every: int, data: str, dist) -> tuple[dict, dict]:
+    """Train every model for `steps` steps, in turns of eval_every steps: (name -> curve, name -> the
+    expert load of the last eval_every steps: min and max over layers and experts of an expert's share)."""
+    import torch
+
     from blues import train as T
-    runs, curves, seconds = {}, {}, {}
+    runs, curves, seconds, load = {}, {}, {}, {}
     for name, cfg in configs.items():
         cfg = cfg.replace(seed=seed, data_dir=data, max_steps=steps,
                           out_dir=os.path.join(tempfile.gettempdir(), f"blues_quality_{name}"))
@@ -100,15 +109,19 @@ def run_seed(configs: dict, seed: int, steps: int, eval_every: int, data: str, d
         n = min(eval_every, steps - done)
         for name, run in runs.items():
             t0 = time.perf_counter()
-            T.train_steps(run, n)
+            results = T.train_steps(run, n)
             seconds[name] += time.perf_counter() - t0
+            if results[-1].expert_selected is not None:
+                counts = torch.stack([r.expert_selected for r in results if r.expert_selected is not None]).sum(0)
+                share = counts / counts.sum(dim=1, keepdim=True)  # (L, E)
+                load[name] = [round(share.min().item(), 4), round(share.max().item(), 4)]
             curves[name].append((done + n, round(seconds[name], 3), T.evaluate(run)["val_loss"]))
         done += n
         print(f"  seed {seed} step {done}: " + "  ".join(f"{k} {v[-1][2]:.4f}" for k, v in curves.items()),
               flush=True)
     for run in runs.values():
         run.engine.destroy()
-    return curves
+    return curves, load
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -171,9 +184,10 @@ def main(argv=None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="another model: the base config with these overrides")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--eval_every", type=int, default=100)
-    p.add_argument("--eval_steps", type=int, default=32, help="validation batches per evaluation")
+    p.add_argument("--steps", type=int, default=None, help="default: the preset's max_steps")
+    p.add_argument("--eval_every", type=int, default=None, help="default: the preset's eval_interval")
+    p.add_argument("--eval_steps", type=int, default=None, help="validation batches per evaluation (default: "
+                                                                 "the preset's eval_steps)")
     p.add_argument("--corpus", default="stdlib", help="built-in corpus (blues.data.sources.BUILTIN_CORPORA)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on 2 shared cores under load 8, 2 threads took 2-5 s a "
@@ -181,10 +195,21 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="moe and dense_active, 1 seed, 20 steps: a quick check")
     p.add_argument("--out", default=os.path.join(HERE, "results", "quality.json"))
     p.add_argument("--png", default=None, help="default: --out with .png")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="train nothing: combine rows of runs that differ only in --seeds (one per core)")
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.seeds, args.steps, args.eval_every, args.eval_steps = ["moe", "dense_active"], [1], 20, 10, 4
 
+    if args.merge:
+        row = merge_rows(args.merge)
+    else:
+        row = run_all(args, " ".join(sys.argv[1:] if argv is None else argv))
+    report(row, args.out, args.png)
+    return 0
+
+
+def run_all(args, command: str) -> dict:
     import torch
 
     from blues import train as T
@@ -193,59 +218,97 @@ def main(argv=None) -> int:
 
     data = os.path.join(tempfile.gettempdir(), f"blues_quality_data_{args.corpus}")
     prepare(data_dir=data, corpus=args.corpus, progress=False)
-    base = load_config(preset=args.preset, overrides=args.set).replace(eval_steps=args.eval_steps)
+    base = load_config(preset=args.preset, overrides=args.set)
+    t = base.train
+    args.steps, args.eval_every = args.steps or t.max_steps, args.eval_every or t.eval_interval
+    args.eval_steps = args.eval_steps or t.eval_steps
+    base = base.replace(eval_steps=args.eval_steps)
     configs, aliases = model_configs(base, args.models, args.variant)
     dist = T.init_distributed()
     torch.set_num_threads(args.threads)  # after init_distributed, which sets cores / ranks
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     curves: dict = {name: {} for name in configs}
+    load: dict = {}
     for seed in args.seeds:
-        for name, curve in run_seed(configs, seed, args.steps, args.eval_every, data, dist).items():
+        seed_curves, seed_load = run_seed(configs, seed, args.steps, args.eval_every, data, dist)
+        for name, curve in seed_curves.items():
             curves[name][seed] = curve
+        for name, minmax in seed_load.items():
+            load.setdefault(name, {})[str(seed)] = minmax
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()
     for alias, same in aliases.items():
         curves[alias] = curves[same]
-    summary = summarize(curves, args.seeds)
-    counts = {name: param_counts(configs[aliases.get(name, name)]) for name in curves}
-    row = {
-        "benchmark": "quality", "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                      else argv),
+    return {
+        "benchmark": "quality", "commands": [f"python benchmarks/quality.py {command}"],
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()}), "
                   f"{torch.get_num_threads()} threads",
         "torch": torch.__version__, "python": platform.python_version(),
-        "loadavg_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        "wall_seconds": round(wall, 1), "corpus": args.corpus, "preset": args.preset, "overrides": args.set,
+        "loadavg_1m_before_after": [[round(load_before[0], 2), round(load_after[0], 2)]],
+        "wall_seconds": [round(wall, 1)], "corpus": args.corpus, "preset": args.preset, "overrides": args.set,
         "steps": args.steps, "seeds": args.seeds, "eval_every": args.eval_every, "eval_steps": args.eval_steps,
         "tokens_per_step": base.train.micro_batch_size * base.train.grad_accum * base.model.block_size,
         "aliases": aliases,
-        "configs": {name: {k: v for k, v in configs[aliases.get(name, name)].to_dict().items()
-                           if k in ("n_layer", "n_embd", "vocab_size", "num_experts", "top_k", "expert_ffn_size",
-                                    "num_dense_layers", "dense_ffn_size", "router_noise_std", "aux_loss_coef",
-                                    "z_loss_coef", "balance_bias_rate", "lr", "min_lr")}
+        "configs": {name: {k: v for k, v in configs[aliases.get(name, name)].to_dict().items() if k in SHOWN}
                     for name in curves},
-        "params": counts,
-        **summary,
+        "params": {name: param_counts(configs[aliases.get(name, name)]) for name in curves},
+        **summarize(curves, args.seeds),
+        # share of an expert in the assignments of the last eval_every steps, min and max over layers
+        # and experts (1 / num_experts when even; 0 is an expert that no token chose)
+        "expert_load_last_min_max": {name: load[aliases.get(name, name)] for name in curves
+                                     if aliases.get(name, name) in load},
         "curves": {name: {str(s): c for s, c in per_seed.items()} for name, per_seed in curves.items()},
     }
+
+
+def merge_rows(paths: list[str]) -> dict:
+    """One row from the rows of runs that differ only in their seeds (run side by side, one per core)."""
+    rows = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            rows.append(json.load(f))
+    same = ("corpus", "preset", "overrides", "steps", "eval_every", "eval_steps", "configs")
+    for r in rows[1:]:
+        for k in same:
+            if r[k] != rows[0][k]:
+                raise ValueError(f"--merge: {k} differs between {paths[0]} and the others: {rows[0][k]} vs {r[k]}")
+    seeds = [s for r in rows for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--merge: seeds {seeds} repeat across the files")
+    curves = {name: {int(s): c for r in rows for s, c in r["curves"][name].items()} for name in rows[0]["curves"]}
+    row = dict(rows[0])
+    for k in ("commands", "loadavg_1m_before_after", "wall_seconds"):
+        row[k] = [x for r in rows for x in r[k]]
+    loads = [r["expert_load_last_min_max"] for r in rows]
+    row["expert_load_last_min_max"] = {name: {s: v for ld in loads for s, v in ld[name].items()} for name in loads[0]}
+    row.update(seeds=seeds, **summarize(curves, seeds),
+               curves={name: {str(s): c for s, c in per_seed.items()} for name, per_seed in curves.items()})
+    return row
+
+
+def report(row: dict, out: str, png: Optional[str]) -> None:
+    """Print the table, write the JSON row and the PNG."""
+    seeds = row["seeds"]
     print(f"{'model':<13} {'params':>10} {'active':>10} {'final val loss':>16} {'train s':>8}")
-    for name, s in summary["models"].items():
-        print(f"{name:<13} {counts[name]['params']:>10,} {counts[name]['active_params']:>10,} "
+    for name, s in row["models"].items():
+        c = row["params"][name]
+        print(f"{name:<13} {c['params']:>10,} {c['active_params']:>10,} "
               f"{s['final_val_loss_mean']:>9.4f} +-{s['final_val_loss_std']:.4f} {s['train_seconds_mean']:>8.1f}")
-    for k, d in summary["differences"].items():
-        print(f"{k}: {d['mean']:+.4f} nats (std {d['std']:.4f} over {len(args.seeds)} seeds, per seed {d['per_seed']})")
-    print(f"load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs, {wall:.0f} s in all")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
+    for k, d in row["differences"].items():
+        print(f"{k}: {d['mean']:+.4f} nats (std {d['std']:.4f} over {len(seeds)} seeds, per seed {d['per_seed']})")
+    print(f"load average (1 min) before/after each run: {row['loadavg_1m_before_after']} on {os.cpu_count()} CPUs, "
+          f"wall seconds {row['wall_seconds']}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
         json.dump(row, f, indent=1)
         f.write("\n")
-    png = args.png or os.path.splitext(args.out)[0] + ".png"
-    plot(png, curves, args.seeds, f"{args.preset} {' '.join(args.set)}: {args.steps} steps, seeds "
-                                  f"{args.seeds}, {row['tokens_per_step']} tokens/step, {args.corpus} corpus")
-    print(f"wrote {args.out} and {png}")
-    return 0
+    png = png or os.path.splitext(out)[0] + ".png"
+    curves = {name: {int(s): c for s, c in per_seed.items()} for name, per_seed in row["curves"].items()}
+    plot(png, curves, seeds, f"{row['preset']} {' '.join(row['overrides'])}: {row['steps']} steps, seeds {seeds}, "
+                             f"{row['tokens_per_step']} tokens/step, {row['corpus']} corpus")
+    print(f"wrote {out} and {png}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Grouped-query attention with RoPE and a KV cache.
 
 Shapes: B batch, T query tokens, S key tokens (cache + new), H query heads, G = num_kv_heads
-(1 = multi-query, H = multi-head), Dh head size, D = H * Dh model width.
+(1 = multi-query, H = multi-head), Dh = head_dim head size, D model width (H * Dh by default;
+Qwen3-MoE sets head_dim so that H * Dh != D: queries and the output projection are H * Dh wide).
 
 Backends, chosen once per (device, dtype) and logged once:
   flash  flash-attn's flash_attn_func (installed, CUDA, fp16/bf16); GQA native
@@ -56,28 +57,59 @@ def resolve_attn_backend(requested: str, device: torch.device, dtype: torch.dtyp
     return requested
 
 
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dimension, in fp32 with eps inside the root, then scaled."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for rotary position embeddings (rotate-half convention), always fp32."""
+    """cos/sin tables for rotary position embeddings (rotate-half convention), always fp32.
+
+    Built on the ambient device (torch.get_default_device()), so `with torch.device("meta"):
+    Blues(cfg)` builds a model without memory; moving off the meta device (model.to_empty, or
+    reset_tables) computes the real tables."""
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
         self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
-        cos, sin = self._tables(torch.device("cpu"))
+        cos, sin = self._tables(torch.get_default_device())
         # Not persistent: derived from the config, so checkpoints never carry a stale table.
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def _tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
-        freqs = torch.outer(torch.arange(self.max_len, dtype=torch.float64), inv_freq)  # (max_len, Dh/2)
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(max_len, Dh/2) fp32 each on `device`; computed on the CPU in float64 (the same values
+        whatever the device), placeholders on the meta device."""
+        if torch.device(device).type == "meta":
+            shape = (self.max_len, self.head_dim // 2)
+            return torch.empty(shape, device="meta"), torch.empty(shape, device="meta")
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64, device="cpu")
+                                         / self.head_dim))
+        freqs = torch.outer(torch.arange(self.max_len, dtype=torch.float64, device="cpu"), inv_freq)  # (max_len, Dh/2)
         return freqs.cos().float().to(device), freqs.sin().float().to(device)
+
+    def reset_tables(self, device: Optional[torch.device] = None) -> None:
+        """Recompute the tables on `device` (default: where they are; the CPU when that is meta)."""
+        if device is None:
+            device = torch.device("cpu") if self.cos.is_meta else self.cos.device
+        self.cos, self.sin = self._tables(device)
 
     def _apply(self, fn, recurse=True):
         # model.half() / .bfloat16() (DeepSpeed's fp16 and bf16 engines) cast every float buffer;
         # positions past a few hundred lose their angle in bf16, so rebuild the tables in fp32.
+        # Off the meta device (to_empty) the moved tables hold no values: rebuild them too.
+        was_meta = self.cos.is_meta
         super()._apply(fn, recurse)
-        if self.cos.dtype != torch.float32:
-            self.cos, self.sin = self._tables(self.cos.device)
+        if self.cos.dtype != torch.float32 or (was_meta and not self.cos.is_meta):
+            self.reset_tables()
         return self
 
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,11 +195,14 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.num_kv_heads, self.head_dim = cfg.n_head, cfg.num_kv_heads, cfg.head_dim
-        D = cfg.n_embd
-        self.wq = nn.Linear(D, self.n_head * self.head_dim, bias=False)
-        self.wk = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_head * self.head_dim, D, bias=False)
+        D, bias = cfg.n_embd, cfg.attention_bias
+        self.wq = nn.Linear(D, self.n_head * self.head_dim, bias=bias)
+        self.wk = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias)
+        self.wo = nn.Linear(self.n_head * self.head_dim, D, bias=bias)
+        # Per-head QK-norm (Qwen3-MoE): one (Dh,) weight shared by all heads, before RoPE.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm == "head" else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm == "head" else None
         self.attn_backend = cfg.attn_backend
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -178,6 +213,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)
         k = self.wk(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, Dh)
         if kv_cache is not None:

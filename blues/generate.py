@@ -5,17 +5,19 @@ eos_token_id, use_cache); `output_len` (the Blues-01 name) is accepted for max_n
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Union
+import math
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
 Prompt = Union[str, Sequence[int], Sequence[str], Sequence[Sequence[int]], torch.Tensor]
 
 
-def _check_args(temperature, top_k, top_p, max_new_tokens):
+def check_sampling_args(temperature, top_k, top_p, max_new_tokens) -> None:
+    """ValueError naming the first sampling setting that generate() cannot use (the REPL checks its /commands here)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: expected an integer >= 0")
-    if temperature is None or temperature < 0:
+    if temperature is None or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature={temperature!r} is invalid: expected a number >= 0 (0 = greedy)")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} is invalid: expected an integer >= 1, or None")
@@ -101,19 +103,24 @@ def _generate_ids(model, ids: list[list[int]], max_new_tokens: int, temperature:
 def generate(model, prompt: Prompt, max_new_tokens: Optional[int] = None, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_token_id: Union[int, Sequence[int], None] = None, seed: Optional[int] = None,
-             stream: bool = False, use_cache: bool = True, tokenizer=None, output_len: Optional[int] = None):
+             stream: bool = False, use_cache: bool = True, tokenizer=None, output_len: Optional[int] = None,
+             on_token: Optional[Callable[[int], None]] = None):
     """Continue `prompt` with up to max_new_tokens sampled tokens.
 
     prompt: a string or list of strings (decoded text is returned), token ids (B=1) or a batch of
     token-id lists / a (B, T) tensor (new token ids are returned, per sequence). Generation stops
     at an eos token (not included in the output); with a tokenizer, eos defaults to <|endoftext|>.
-    stream=True returns an iterator of new pieces (text for string prompts, ids otherwise; B=1).
+    stream=True returns an iterator of new pieces (text for string prompts, ids otherwise; B=1), and
+    calls on_token(id) with each new token as it is made (eos excluded): a text piece may hold several
+    tokens, or wait for the next one to complete a character, so counting pieces does not count tokens.
     """
+    if on_token is not None and not stream:
+        raise ValueError("on_token is called while streaming: pass stream=True with it")
     if max_new_tokens is None:
         max_new_tokens = output_len if output_len is not None else 64
     elif output_len is not None and output_len != max_new_tokens:
         raise ValueError(f"max_new_tokens={max_new_tokens} and output_len={output_len} disagree: give one")
-    _check_args(temperature, top_k, top_p, max_new_tokens)
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     seqs, kind = _normalise_prompt(prompt, tokenizer)
     block, V = model.config.model.block_size, model.config.model.vocab_size
@@ -139,7 +146,7 @@ def generate(model, prompt: Prompt, max_new_tokens: Optional[int] = None, *, tem
             if len(seqs) != 1:
                 raise ValueError(f"stream=True takes one prompt, got {len(seqs)}")
             return _stream(model, seqs[0], kind, max_new_tokens, temperature, top_k, top_p, eos, generator,
-                           use_cache, tokenizer, was_training)
+                           use_cache, tokenizer, was_training, on_token)
         # Prompts of equal length run as one batch; different lengths run in groups of equal length
         # (no padding, so RoPE positions and the cache stay exact).
         results: list[list[int]] = [[] for _ in seqs]
@@ -170,7 +177,7 @@ def generate(model, prompt: Prompt, max_new_tokens: Optional[int] = None, *, tem
 
 
 def _stream(model, ids, kind, max_new_tokens, temperature, top_k, top_p, eos, generator, use_cache, tokenizer,
-            was_training):
+            was_training, on_token):
     try:
         new: list[int] = []
         emitted = ""
@@ -179,6 +186,8 @@ def _stream(model, ids, kind, max_new_tokens, temperature, top_k, top_p, eos, ge
             tok = int(nxt[0])
             if tok in eos:
                 break
+            if on_token is not None:
+                on_token(tok)
             if kind == "str":
                 new.append(tok)
                 text = tokenizer.decode(new)

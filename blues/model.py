@@ -3,11 +3,12 @@
 Shapes: B batch, T tokens, D = n_embd, V vocabulary, E experts, L_moe MoE layers.
 
 tok_emb -> n_layer x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> lm_head
-where attn is grouped-query attention with RoPE and mlp is an MoE layer (or a dense SwiGLU
-for the first num_dense_layers and between MoE layers when moe_layer_freq > 1).
+where attn is grouped-query attention with RoPE (heads of head_dim, optionally QK-normed and
+with biases) and mlp is an MoE layer, or a dense SwiGLU where MoEConfig.is_moe_layer says so.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import NamedTuple, Optional
@@ -17,14 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from blues.attention import Attention, KVCache, RotaryEmbedding
+from blues.attention import Attention, KVCache, RMSNorm, RotaryEmbedding
 from blues.common import atomic_write, atomic_write_json
 from blues.config import BluesConfig
 from blues.moe import Experts, MoE, SwiGLU
+from blues.moe.expert_parallel import checkpoint_contexts
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
 
 
 def build_mlp(config: BluesConfig, layer_idx: int) -> nn.Module:
@@ -37,6 +38,17 @@ def build_mlp(config: BluesConfig, layer_idx: int) -> nn.Module:
         return DeepSpeedMoE(config)
     return MoE(config)
 
+
+def keep_shapes(config: BluesConfig, new: BluesConfig) -> BluesConfig:
+    """`new`, a saved model's `config` with overrides applied, unless an override changes a weight's
+    shape (ValueError naming each such field): the one rule of Blues.from_pretrained, blues.hf.load_hf
+    and blues-train --init_from."""
+    changed = config.architecture_diff(new)
+    if changed:
+        raise ValueError(f"overrides change the weights' shapes: {'; '.join(changed)}")
+    return new
+
+
 class BluesOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, V)
     loss: Optional[torch.Tensor]  # ce_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss
@@ -46,17 +58,6 @@ class BluesOutput(NamedTuple):
     expert_counts: Optional[torch.Tensor]  # (L_moe, E) long, assignments kept per expert
     dropped: torch.Tensor  # long scalar, assignments dropped by capacity, all layers
     expert_selected: Optional[torch.Tensor]  # (L_moe, E) long, assignments chosen per expert (before capacity)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
 class Block(nn.Module):
@@ -106,6 +107,8 @@ class Blues(nn.Module):
         std = self.config.model.init_std
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:  # attention_bias
+            nn.init.zeros_(module.bias)
         if isinstance(module, Experts):  # stacked expert weights: the whole (E, ...) draw, whatever ep_size
             for name, _ in module.named_parameters(recurse=False):
                 module.normal_(name, std)
@@ -130,7 +133,8 @@ class Blues(nn.Module):
         aux, zl, counts, dropped, selected = [], [], [], [], []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and kv_cache is None:
-                outs = checkpoint(block, x, cos, sin, use_reentrant=False)
+                outs = checkpoint(block, x, cos, sin, use_reentrant=False,
+                                  context_fn=functools.partial(checkpoint_contexts, block))
             else:
                 outs = block(x, cos, sin, kv_cache)
             x = outs[0]
@@ -172,11 +176,11 @@ class Blues(nn.Module):
         return total
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> int:
-        """Training FLOPs per token (forward + backward): 6 * N_active + 12 * n_layer * n_embd * T.
+        """Training FLOPs per token (forward + backward): 6 * N_active + 12 * n_layer * n_head * head_dim * T.
 
         N_active counts the matmul weights one token uses (top_k experts, the router, attention,
-        the LM head; not the embedding lookup). 12 * L * D * T is attention's score and value
-        matmuls (PaLM appendix B); T defaults to block_size.
+        the LM head; not the embedding lookup). 12 * L * n_head * head_dim * T is attention's score and
+        value matmuls (PaLM appendix B; n_head * head_dim = n_embd unless head_dim is set); T defaults to block_size.
         """
         mc = self.config.model
         T = seq_len or mc.block_size
@@ -184,7 +188,7 @@ class Blues(nn.Module):
         n_active -= sum(p.numel() for n, p in self.named_parameters() if "norm" in n)
         if not mc.tie_embeddings:
             n_active -= self.tok_emb.weight.numel()
-        return 6 * n_active + 12 * mc.n_layer * mc.n_embd * T
+        return 6 * n_active + 12 * mc.n_layer * mc.n_head * mc.head_dim * T
 
     def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
         mc = self.config.model
@@ -245,10 +249,7 @@ class Blues(nn.Module):
             raise ValueError(f"{cfg_path!r} is not valid JSON: {e}") from None
         config = BluesConfig.from_dict(cfg_dict)
         if overrides:
-            changed = config.architecture_diff(config.replace(**overrides))
-            if changed:
-                raise ValueError(f"overrides change the weights' shapes: {'; '.join(changed)}")
-            config = config.replace(**overrides)
+            config = keep_shapes(config, config.replace(**overrides))
         if config.moe.moe_backend == "deepspeed":
             # Exported weights are always in the stacked layout; inference runs the local backends.
             config = config.replace(moe_backend="auto")

@@ -33,6 +33,13 @@ def test_blues01_preset_matches_the_spec():
     ({"dtype": "fp8"}, r"dtype='fp8' is invalid"),
     ({"min_lr": 1.0, "lr": 0.1}, r"min_lr=1.0 is invalid: must be <= lr=0.1"),
     ({"n_layr": 4}, r"unknown config field\(s\): 'n_layr' \(did you mean 'n_layer'\?\)"),
+    ({"head_dim": 15}, r"head_dim=15 is invalid: must be even for RoPE"),
+    ({"head_dim": 0}, r"head_dim=0 is invalid: expected a positive integer"),
+    ({"qk_norm": "full"}, r"qk_norm='full' is invalid: expected one of none, head"),
+    ({"attention_bias": "yes"}, r"attention_bias='yes' is invalid: expected true or false"),
+    ({"dense_layers": [1, 1]}, r"dense_layers=\[1, 1\] is invalid: expected a list of distinct layer indices"),
+    ({"dense_layers": [-1]}, r"dense_layers=\[-1\] is invalid"),
+    ({"n_layer": 4, "dense_layers": [4]}, r"dense_layers=\[4\] is invalid: expected layer indices below n_layer=4"),
 ])
 def test_config_mistakes_name_the_field(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -69,19 +76,23 @@ def test_bad_files_are_named(tmp_path):
 
 
 def test_cli_overrides_parse_values_and_validate():
-    c = get_preset("tiny").with_overrides(["lr=3e-4", "capacity_factor=null", "n_layer=3", "tie_embeddings=false"])
-    assert c.train.lr == 3e-4 and c.moe.capacity_factor is None and c.model.n_layer == 3
+    c = get_preset("tiny").with_overrides(["lr=5e-3", "capacity_factor=null", "n_layer=3", "tie_embeddings=false"])
+    assert c.train.lr == 5e-3 and c.moe.capacity_factor is None and c.model.n_layer == 3
     assert c.model.tie_embeddings is False
     with pytest.raises(ValueError, match="must look like key=value"):
         get_preset("tiny").with_overrides(["lr"])
-    with pytest.raises(ValueError, match=r"top_k=9 is invalid"):
-        get_preset("tiny").with_overrides(["top_k=9"])
+    with pytest.raises(ValueError, match=r"top_k=9 is invalid: must be <= num_experts=4"):
+        get_preset("tiny").with_overrides(["num_experts=4", "top_k=9"])
 
 
 def test_architecture_diff_lists_shape_fields_only():
     a = get_preset("tiny")
     b = a.replace(lr=1e-2, max_steps=5, n_embd=64, num_experts=8)
-    assert a.architecture_diff(b) == ["n_embd: 128 -> 64", "num_experts: 4 -> 8"]
+    # head_dim stays derived (None in to_dict), so a new n_embd changes it without a line of its own
+    assert a.architecture_diff(b) == [f"n_embd: {a.model.n_embd} -> 64", f"num_experts: {a.moe.num_experts} -> 8"]
+    c = a.replace(head_dim=a.model.head_dim * 2, qk_norm="head", attention_bias=True, dense_layers=[0])
+    assert a.architecture_diff(c) == [f"head_dim: None -> {a.model.head_dim * 2}", "qk_norm: 'none' -> 'head'",
+                                      "attention_bias: False -> True", "dense_layers: None -> [0]"]
 
 
 def test_parts_validate_on_their_own():
@@ -91,3 +102,23 @@ def test_parts_validate_on_their_own():
         MoEConfig(top_k=0)
     with pytest.raises(ValueError, match="micro_batch_size=0"):
         TrainConfig(micro_batch_size=0)
+
+
+def test_head_dim_is_derived_unless_given():
+    a = get_preset("tiny")
+    assert a.model.head_dim == a.model.n_embd // a.model.n_head and a.to_dict()["head_dim"] is None
+    assert a.replace(n_embd=64, n_head=2).model.head_dim == 32  # derived again, not carried over
+    b = a.replace(n_embd=48, n_head=4, head_dim=16)  # Qwen3-MoE style: 4 * 16 != 48
+    assert b.model.head_dim == 16 and b.to_dict()["head_dim"] == 16
+    assert b.replace(lr=1e-3).model.head_dim == 16 and BluesConfig.from_dict(b.to_dict()) == b
+    # n_embd need not divide by n_head when head_dim is given
+    assert ModelConfig(n_embd=100, n_head=8, head_dim=16).head_dim == 16
+
+
+def test_one_rule_decides_dense_layers():
+    # dense_layers adds to num_dense_layers and moe_layer_freq: Qwen3-MoE's decoder_sparse_step s is
+    # num_dense_layers = s - 1 with moe_layer_freq = s; its mlp_only_layers is dense_layers (an alias).
+    m = BluesConfig.from_dict({"n_layer": 6, "num_dense_layers": 1, "moe_layer_freq": 2,
+                               "mlp_only_layers": [3]}).moe
+    assert [m.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, True]
+    assert MoEConfig(dense_layers=[2, 0]).dense_layers == [0, 2]

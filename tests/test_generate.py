@@ -106,3 +106,21 @@ def test_string_prompts_decode_and_stream_as_text():
     assert text == tok.decode(ids)
     assert "".join(m.generate("import os", tokenizer=tok, max_new_tokens=12, temperature=0, stream=True)) == text
     assert m.generate(["a b", "import os"], tokenizer=tok, max_new_tokens=12, temperature=0)[1] == text
+
+
+def test_on_token_sees_each_new_token_while_streaming(model):
+    """on_token is called once per new token, in order, before the piece that holds it is yielded, and
+    never for the eos token that ends generation; without stream=True it is refused."""
+    greedy = model.generate([5, 6], max_new_tokens=12, temperature=0)
+    seen, yielded = [], []
+    for tok in model.generate([5, 6], max_new_tokens=12, temperature=0, stream=True, on_token=seen.append):
+        assert seen[-1] == tok  # already counted when its piece arrives
+        yielded.append(tok)
+    assert seen == yielded == greedy
+    eos = greedy[3]  # stop at the fourth token: it is neither yielded nor counted
+    seen = []
+    out = list(model.generate([5, 6], max_new_tokens=12, temperature=0, stream=True, eos_token_id=eos,
+                              on_token=seen.append))
+    assert seen == out == greedy[:greedy.index(eos)]
+    with pytest.raises(ValueError, match="on_token is called while streaming: pass stream=True with it"):
+        model.generate([5, 6], max_new_tokens=2, on_token=seen.append)

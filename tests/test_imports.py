@@ -25,6 +25,8 @@ LAYERS = (
     ("blues.data", "blues.kernels"),
     ("blues.moe",),
     ("blues.attention", "blues.model", "blues.generate"),
+    ("blues.hf",),
+    ("blues.prune",),
     ("blues.train",),
     ("blues.probe",),
     ("blues.slurm",),

@@ -174,3 +174,57 @@ def test_rope_tables_stay_fp32_when_the_model_is_cast():
     ref = small(2).rope
     torch.testing.assert_close(model.rope.cos, ref.cos, rtol=0, atol=0)
     assert model(torch.randint(0, 97, (1, 16))).logits.dtype == torch.bfloat16
+
+
+def test_a_model_builds_on_the_meta_device_and_its_rope_tables_come_back_on_the_cpu():
+    # blues.hf builds on the meta device (no memory) and then loads the weights; the RoPE tables
+    # are derived from the config, so leaving the meta device must recompute them exactly.
+    cfg = small(2).config
+    with torch.device("meta"):
+        model = Blues(cfg)
+    assert all(p.is_meta for p in model.parameters()) and model.rope.cos.is_meta
+    model.to_empty(device="cpu")
+    ref = small(2).rope
+    assert not model.rope.cos.is_meta
+    torch.testing.assert_close(model.rope.cos, ref.cos, rtol=0, atol=0)
+    torch.testing.assert_close(model.rope.sin, ref.sin, rtol=0, atol=0)
+
+
+def qwen_style(backend="sdpa", **kw):
+    """head_dim 12 for 8 heads on a width of 64 (queries 96 wide), per-head QK-norm, attention
+    biases, layer 1 dense; the 1-D weights (norms at one, biases at zero) moved off their init so
+    that each one matters."""
+    model = small(2, backend, head_dim=12, qk_norm="head", attention_bias=True, dense_layers=[1], **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_qwen3_style_attention_has_its_shapes():
+    model = qwen_style()
+    attn = model.blocks[0].attn
+    assert attn.wq.weight.shape == (96, 64) and attn.wo.weight.shape == (64, 96) and attn.wk.bias.shape == (24,)
+    assert attn.q_norm.weight.shape == (12,) and model.rope.cos.shape == (64, 6)
+    assert [b.is_moe for b in model.blocks] == [True, False]
+    assert model.new_kv_cache(1).k.shape[-1] == 12
+
+
+def test_qwen3_style_attention_sdpa_and_math_agree_and_stay_causal():
+    model = qwen_style("math").eval()
+    x = torch.randint(0, 97, (2, 40))
+    ref = model(x).logits
+    for block in model.blocks:
+        block.attn.attn_backend = "sdpa"
+    torch.testing.assert_close(model(x).logits, ref, rtol=1e-5, atol=1e-5)  # fp32, another summation order
+    y = x.clone()
+    y[:, 25:] = (x[:, 25:] + 1) % 97
+    torch.testing.assert_close(model(y).logits[:, :25], ref[:, :25], rtol=0, atol=1e-5)
+
+
+def test_qwen3_style_decoding_with_the_cache_equals_recomputing():
+    model = qwen_style(block_size=128).eval()
+    prompt = torch.randint(0, 97, (1, 11))
+    cached = model.generate(prompt[0].tolist(), max_new_tokens=40, temperature=0)
+    assert cached == model.generate(prompt[0].tolist(), max_new_tokens=40, temperature=0, use_cache=False)

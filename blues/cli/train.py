@@ -6,6 +6,14 @@
         moe_backend=deepspeed ep_size=2           # expert-parallel DeepSpeed MoE under ZeRO 2
     deepspeed --num_gpus 8 launch/train.py --config run.yaml --deepspeed_config ds_configs/zero3.json
     blues-train --resume auto                     # continue from the newest complete checkpoint in out_dir
+    blues-train --init_from MODEL_DIR max_steps=500 lr=1e-4   # fine-tune a model folder (Hugging Face or Blues)
+
+--init_from MODEL_DIR starts a new run at step 0 with a fresh optimizer from the weights of a model
+folder: a Blues one (save_pretrained, blues-train's out/model) or a Hugging Face one (Mixtral). The
+model and MoE fields come from the folder, the training fields from their defaults; key=value overrides
+may change anything but the weights' shapes (ep_size, block_size, lr, ...). A checkpoint in out_dir
+wins over --init_from: --resume auto continues that run (a requeued job with the same command line
+picks up where it stopped), and an explicit --resume together with --init_from is refused.
 
 On a machine without GPUs `deepspeed --num_gpus N` starts N CPU ranks (gloo backend).
 
@@ -22,11 +30,11 @@ import sys
 from typing import Optional
 
 from blues.common import EXIT_FAILURE, OneLineParser, add_alias, atomic_write_json, run_cli
-from blues.config import BluesConfig, load_config
+from blues.config import load_config
 from blues.train import build_engine, resume, train, validate
-from blues.train.checkpoint import check_resume_config, find_resume, read_meta
+from blues.train.checkpoint import check_resume, find_resume, read_meta
 from blues.train.debug import DebugConfig
-from blues.train.ds_config import BUILTIN_DS_CONFIG, load_ds_config
+from blues.train.ds_config import BUILTIN_DS_CONFIG, load_ds_config, zero_stage
 from blues.train.engine import describe
 from blues.train.loop import DEFAULT_PROMPT, stop_signals
 
@@ -44,6 +52,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--resume", default="auto",
                    help="auto (default: the newest complete checkpoint in out_dir, if any), none, or a checkpoint "
                         "folder")
+    p.add_argument("--init_from", default=None, metavar="MODEL_DIR",
+                   help="start at step 0 from the weights of a model folder (Hugging Face or Blues); its config is "
+                        "used, key=value overrides may change anything but the weights' shapes")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt of the sample printed at the end ('' for none)")
     p.add_argument("--no_export", action="store_true", help="do not export weights at the end")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar (auto: on a tty)")
@@ -66,21 +77,45 @@ def main(argv: Optional[list[str]] = None) -> int:
         root.removeHandler(handler)
 
 
+def _config(args: argparse.Namespace):
+    """The run's config: --preset or --config with overrides, or with --init_from the folder's
+    (blues.hf.init_from_config). ValueError for --init_from beside --preset, --config or an explicit
+    --resume."""
+    if args.init_from is None:
+        return load_config(args.config, args.preset, args.overrides)
+    for flag, value in (("--preset", args.preset), ("--config", args.config)):
+        if value is not None:
+            raise ValueError(f"--init_from {args.init_from} and {flag} {value} are both given: --init_from takes the "
+                             "model from the folder; pass training settings as key=value overrides")
+    if args.resume not in ("auto", "none", "", None):
+        raise ValueError(f"--init_from {args.init_from} and --resume {args.resume} are both given: a resume "
+                         "continues its own run, --init_from starts a new one at step 0; pass one of them")
+    from blues.hf import init_from_config
+    return init_from_config(args.init_from, args.overrides)
+
+
 def _train(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     say = print if rank == 0 else (lambda *a, **k: None)
     # Every check that needs no process group, once, before anything starts.
-    cfg = load_config(args.config, args.preset, args.overrides)
+    cfg = _config(args)
     ds_raw = load_ds_config(args.deepspeed_config) if args.deepspeed_config else BUILTIN_DS_CONFIG
     ds = validate(cfg, ds_raw, int(os.environ.get("WORLD_SIZE", "1")))
     debug = DebugConfig.from_env()
     where = find_resume(args.resume, cfg.train.out_dir, say=lambda msg: say(f"{PROG}: {msg}", file=sys.stderr))
     if where is not None:  # refuse an incompatible checkpoint before building the engine
-        check_resume_config(BluesConfig.from_dict(read_meta(os.path.join(*where))["config"]), cfg)
+        meta = read_meta(os.path.join(*where))
+        # Everything but the tokenizer (known once the data is read; resume() checks it, with the rest again).
+        check_resume(meta, cfg, meta.get("tokenizer_sha256"), int(os.environ.get("WORLD_SIZE", "1")),
+                     zero_stage(ds))
+        if args.init_from is not None:
+            say(f"{PROG}: --init_from {args.init_from} is not used: resuming {os.path.join(*where)} (a resume "
+                "continues its own run)", file=sys.stderr)
+    init_from = args.init_from if where is None else None
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)
     try:
-        run = build_engine(cfg, ds, validated=True, debug=debug)
+        run = build_engine(cfg, ds, validated=True, debug=debug, init_from=init_from)
         if rank == 0:
             os.makedirs(cfg.train.out_dir, exist_ok=True)
             atomic_write_json(os.path.join(cfg.train.out_dir, "run_config.json"),

@@ -32,9 +32,10 @@ test_expert_parallel_distributed.py checks the gradient scale, the resume and th
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -169,8 +170,53 @@ def start_split_plan(counts: torch.Tensor, g: EPGroups) -> PendingPlan:
     return PendingPlan(recv, torch.stack([send.sum(1), recv.sum(1)]))
 
 
+class PlanReplay:
+    """A layer's split plan kept for the recompute of activation checkpointing.
+
+    Under torch.utils.checkpoint the layer's forward runs twice (once in the forward pass, once
+    again in the backward), with the same inputs and the same RNG state, so the same routing and
+    the same split plan. The forward records its plan; the recompute replays it: no second count
+    exchange and no second host read. Outside checkpointing the mode is None and nothing is kept.
+    A record overwrites the last one and a replay does not consume it (a second backward through
+    retain_graph replays the same plan)."""
+
+    def __init__(self):
+        self.mode: Optional[str] = None  # None | "record" | "replay"
+        self.plan: Optional[PendingPlan] = None
+
+    def start(self, counts: torch.Tensor, g: EPGroups) -> PendingPlan:
+        """The layer's plan: started from `counts` (and kept, when recording), or the kept one (when
+        replaying: the forward waited on it already, so its wait() reads nothing from the device)."""
+        if self.mode == "replay":
+            assert self.plan is not None, "recompute of an MoE layer whose checkpointed forward recorded no plan"
+            return self.plan
+        pending = start_split_plan(counts, g)
+        if self.mode == "record":
+            self.plan = pending
+        return pending
+
+
+
+def checkpoint_contexts(module: nn.Module):
+    """torch.utils.checkpoint's context_fn for `module`: (the forward's context, the recompute's): the
+    forward records every EP layer's split plan (PlanReplay), the recompute replays them."""
+    replays = [m.plan_replay for m in module.modules() if isinstance(getattr(m, "plan_replay", None), PlanReplay)]
+    return _plan_mode(replays, "record"), _plan_mode(replays, "replay")
+
+
+@contextlib.contextmanager
+def _plan_mode(replays: list[PlanReplay], mode: str) -> Iterator[None]:
+    for r in replays:
+        r.mode = mode
+    try:
+        yield
+    finally:
+        for r in replays:
+            r.mode = None
+
+
 def ep_experts_forward(xf: torch.Tensor, idx, weights: torch.Tensor, experts: nn.Module, ops, g: EPGroups,
-                       expert_dropout: float = 0.0) -> torch.Tensor:
+                       expert_dropout: float = 0.0, replay: Optional[PlanReplay] = None) -> torch.Tensor:
     """The experts' part of an MoE layer under expert parallelism (see the module docstring).
 
     xf (N, D) this rank's tokens; idx: ops.moe_permute_indices of the routing (N, K) over all E experts,
@@ -183,7 +229,7 @@ def ep_experts_forward(xf: torch.Tensor, idx, weights: torch.Tensor, experts: nn
     E = E_loc * g.ep_size
     counts = idx.expert_offsets[1:] - idx.expert_offsets[:-1]  # (E,) kept assignments per expert
     assert counts.numel() == E, (counts.numel(), E)
-    pending = start_split_plan(counts, g)
+    pending = replay.start(counts, g) if replay is not None else start_split_plan(counts, g)
     # Every assignment's row in expert (= destination) order; the dropped ones trail and are not sent.
     # Permuting all S rows needs no host number, so it runs while the split sums travel to the host.
     xs = ops.moe_permute(xf, idx.sorted_slots, K)  # (S, D)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from blues.config import BluesConfig, MoEConfig
 from blues.kernels.moe_route import load_balancing_loss, z_loss
-from blues.moe.expert_parallel import EPGroups, ep_experts_forward, ep_groups
+from blues.moe.expert_parallel import EPGroups, PlanReplay, ep_experts_forward, ep_groups
 from blues.moe.ops import resolve_moe_ops
 from blues.moe.routing import forced_route
 
@@ -88,6 +88,8 @@ class MoE(nn.Module):
         self.ep: Optional[EPGroups] = ep_groups(config.train.ep_size) if config.train.ep_size > 1 else None
         self.experts = Experts(m.num_experts, D, m.expert_ffn_size, config.train.ep_size,
                                self.ep.ep_rank if self.ep is not None else 0)
+        # Under activation checkpointing the recompute reuses the forward's split plan (one host read per step).
+        self.plan_replay: Optional[PlanReplay] = PlanReplay() if self.ep is not None else None
         self.shared = SwiGLU(D, m.num_shared_experts * m.expert_ffn_size) if m.num_shared_experts else None
         # Selection-only bias (DeepSeek-V3 balancing); zero unless a training loop adjusts it.
         self.register_buffer("selection_bias", torch.zeros(m.num_experts), persistent=False)
@@ -144,7 +146,7 @@ class MoE(nn.Module):
         ex = self.experts
         p_drop = m.expert_dropout if self.training else 0.0
         if self.ep is not None:
-            out = ep_experts_forward(xf, idx, weights, ex, ops, self.ep, p_drop)  # (N, D)
+            out = ep_experts_forward(xf, idx, weights, ex, ops, self.ep, p_drop, self.plan_replay)  # (N, D)
         else:
             # Token rows are gathered inside the up-projection (no (S, D) copy of x), and the down
             # projection sums each token's K weighted rows itself (no (S, D) expert output).

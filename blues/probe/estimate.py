@@ -64,9 +64,10 @@ def estimate_memory(cfg: BluesConfig, ds: dict, world_size: int, micro_batch: in
     stage = zero_stage(ds)
     ep = t.ep_size  # both MoE backends split the experts over ep_size ranks
     dp, dp_exp = world_size, max(1, world_size // ep)
-    moe_layers = [i for i in range(L) if moe.is_moe_layer(i)]
+    moe_layers = cfg.moe_layer_ids()
     n_moe, n_dense = len(moe_layers), L - len(moe_layers)
-    attn = D * D + 2 * D * kv + D * D + 2 * D  # wq, wk+wv, wo, two norms
+    q = m.n_head * m.head_dim  # query width (n_embd unless head_dim is set)
+    attn = 2 * D * q + 2 * D * kv + 2 * D  # wq + wo, wk + wv, two norms
     dense_mlp = 3 * D * moe.dense_hidden
     expert = 3 * D * Fh
     shared = 3 * D * moe.num_shared_experts * Fh

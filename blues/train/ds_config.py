@@ -100,7 +100,7 @@ def check_parallelism(cfg: BluesConfig, world_size: int, stage: int, ds: Optiona
                          "moe_backend=deepspeed")
     if world_size % ep:
         raise ValueError(f"ep_size={ep} is invalid: must divide the world size {world_size} (number of ranks)")
-    if backend == "deepspeed" or not any(cfg.moe.is_moe_layer(i) for i in range(cfg.model.n_layer)):
+    if backend == "deepspeed" or not cfg.moe_layer_ids():
         return
     if (ds or {}).get("use_data_before_expert_parallelism"):
         raise ValueError("DeepSpeed config use_data_before_expert_parallelism=true is not supported with "

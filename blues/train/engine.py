@@ -2,8 +2,8 @@
 in this order (torchtitan style, one place, one order):
 
     init_distributed -> validate (once per start) -> ensure_ep_groups -> prepare_data -> build_model
-    -> apply_ac -> apply_ep -> apply_zero3_leaf -> build_optimizer -> deepspeed.initialize -> seed_ranks
-    -> build_loaders
+    -> apply_init_from -> apply_ac -> apply_ep -> apply_zero3_leaf -> build_optimizer
+    -> deepspeed.initialize -> seed_ranks -> build_loaders
 
 The expert-parallel groups exist before the model, so that each MoE layer keeps its own experts'
 slice as it is built (moe_backend=torch|triton; moe_backend=deepspeed makes its groups itself).
@@ -97,6 +97,18 @@ def build_model(cfg: BluesConfig):
     return Blues(cfg)
 
 
+def apply_init_from(model, init_from: Optional[str]) -> None:
+    """blues-train --init_from: the weights of a model folder (Hugging Face or Blues,
+    blues.hf.load_weights_into), loaded before DeepSpeed takes the model, so that ZeRO 3 partitions
+    the loaded values and each EP rank keeps its own experts' slice; training still starts at step 0
+    with a fresh optimizer."""
+    if init_from is None:
+        return
+    from blues.hf import load_weights_into
+    load_weights_into(model, init_from)
+    log.info("weights from %s", init_from)
+
+
 def apply_ac(model, cfg: BluesConfig) -> None:
     """Activation checkpointing: recompute each block in backward."""
     if cfg.train.gradient_checkpointing:
@@ -181,13 +193,15 @@ def build_loaders(run: Run) -> None:
 
 def build_engine(cfg: BluesConfig, ds_config: Optional[dict] = None, *, with_data: bool = True,
                  dist: Optional[DistInfo] = None, validated: bool = False,
-                 debug: Optional[DebugConfig] = None) -> Run:
+                 debug: Optional[DebugConfig] = None, init_from: Optional[str] = None) -> Run:
     """Build the DeepSpeed engine for `cfg` from a DeepSpeed config dict (default: the built-in ZeRO 2).
 
     ds_config: a raw config (its "auto" fields are filled here by validate), or with validated=True
     the dict validate() returned for this world size, used as it is. with_data=False skips the corpus
     and loaders (train_steps then feeds random tokens). debug: the test-only fault injection, read
-    from the environment when not given."""
+    from the environment when not given. init_from: a model folder whose weights replace the
+    initialisation (apply_init_from); its architecture fields must equal cfg's
+    (blues.hf.init_from_config builds such a cfg)."""
     import deepspeed
 
     dist = dist or init_distributed()
@@ -205,6 +219,7 @@ def build_engine(cfg: BluesConfig, ds_config: Optional[dict] = None, *, with_dat
     if with_data:
         meta, tok = prepare_data(cfg, dist.rank)
     model = build_model(cfg)
+    apply_init_from(model, init_from)
     apply_ac(model, cfg)
     apply_ep(model, cfg, ep, stage)
     apply_zero3_leaf(model, stage)
@@ -213,7 +228,7 @@ def build_engine(cfg: BluesConfig, ds_config: Optional[dict] = None, *, with_dat
     seed_ranks(cfg, dist.rank)
     run = Run(cfg=cfg, ds_config=ds, engine=engine, model=engine.module, dist=dist, stage=stage, tokenizer=tok,
               data_meta=meta, debug=debug if debug is not None else DebugConfig.from_env())
-    run.num_moe_layers = sum(cfg.moe.is_moe_layer(i) for i in range(cfg.model.n_layer))
+    run.num_moe_layers = len(cfg.moe_layer_ids())
     run.flops_per_token = flops_per_token(run.model, cfg)
     run.peak_flops = peak_flops_per_rank(dist, cfg.train.dtype)
     if with_data:

@@ -32,7 +32,7 @@ EXPERT_FILE = "blues_experts_ep{:03d}.pt"
 def expert_group(cfg: BluesConfig) -> Optional[str]:
     """The name of the optimizer group holding the stacked experts (DeepSpeed's EP group name), or None
     when there is none (moe_backend=deepspeed, or no MoE layer)."""
-    if cfg.moe.moe_backend == "deepspeed" or not any(cfg.moe.is_moe_layer(i) for i in range(cfg.model.n_layer)):
+    if cfg.moe.moe_backend == "deepspeed" or not cfg.moe_layer_ids():
         return None
     from blues.moe.expert_parallel import group_name
     return group_name(cfg.train.ep_size)

@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 from blues.common import EXIT_OK
 from blues.train.checkpoint import export_weights, save_checkpoint
 from blues.train.engine import Run
-from blues.train.metrics import eval_events, format_step, step_events, write_events
+from blues.train.metrics import ExpertWindow, eval_events, expert_events, format_step, step_events, write_events
 from blues.train.step import evaluate, train_step
 
 EXIT_NONFINITE = 3  # max_bad_steps non-finite losses in a row; the last checkpoint is intact
@@ -87,6 +87,7 @@ def train(run: Run, *, progress: Optional[bool] = None, prompt: Optional[str] = 
         bar = tqdm(total=t.max_steps, initial=run.step, desc="train", dynamic_ncols=True, leave=False)
         say = bar.write
     window_tokens, window_seconds = 0, 0.0
+    experts, t_start = ExpertWindow(run), time.perf_counter()
     last_saved = run.step if run.step else None
     with _Signals(run):
         while run.step < t.max_steps:
@@ -97,7 +98,8 @@ def train(run: Run, *, progress: Optional[bool] = None, prompt: Optional[str] = 
             window_seconds += r.seconds
             if bar is not None:
                 bar.update(1)
-            write_events(run, step_events(r, run.tokens_per_step / r.seconds))
+            write_events(run, step_events(r, run.tokens_per_step / r.seconds, time.perf_counter() - t_start))
+            experts.add(r)
             if r.skipped:
                 say(format_step(r, run, 0.0))
                 if run.bad_in_a_row >= t.max_bad_steps:
@@ -105,7 +107,9 @@ def train(run: Run, *, progress: Optional[bool] = None, prompt: Optional[str] = 
                         f"the last checkpoint ({'step ' + str(last_saved) if last_saved else 'none'}) is intact")
                     return EXIT_NONFINITE
             elif r.step % t.log_interval == 0 or r.step == t.max_steps:
-                say(format_step(r, run, window_tokens / max(window_seconds, 1e-9)))
+                window_experts = experts.take()
+                write_events(run, expert_events(window_experts, r.step))
+                say(format_step(r, run, window_tokens / max(window_seconds, 1e-9), window_experts))
                 window_tokens, window_seconds = 0, 0.0
             if r.step % t.eval_interval == 0 or r.step == t.max_steps:
                 ev = evaluate(run)

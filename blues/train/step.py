@@ -51,6 +51,7 @@ class StepResult:
     expert_load_max: float = float("nan")
     dropped_frac: float = 0.0
     expert_selected: Optional[torch.Tensor] = None  # (L_moe, E) chosen per expert, all ranks, before capacity
+    expert_counts: Optional[torch.Tensor] = None  # (L_moe, E) computed per expert, all ranks, after capacity
 
 
 def _set_lr(engine, lr: float) -> None:
@@ -120,6 +121,7 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
                      stop_signal=sums[5].item() > 0)
     if L and not skipped:
         counts, res.expert_selected = sums[6:].view(2, L, E)
+        res.expert_counts = counts
         share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
         res.expert_load_min, res.expert_load_max = share.min().item(), share.max().item()
         assigned = n * c.train.micro_batch_size * c.model.block_size * c.moe.top_k * L

@@ -164,6 +164,46 @@ def host_reads(rank, g):
     return seen
 
 
+def checkpointed(rank, g):
+    """Host reads in forward + backward of the EP layer (Triton ops, CPU interpreter), plain and under
+    activation checkpointing with Blues' context_fn; and the input and weight gradients of both."""
+    from torch.utils.checkpoint import checkpoint
+    from blues.moe import MoE
+    from blues.moe.expert_parallel import checkpoint_contexts
+    torch.manual_seed(0)
+    layer = MoE(layer_cfg(2, 2, backend="triton"))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x0 = torch.randn(1, 16, 24)
+    names = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__index__", "__float__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    out = {}
+    for mode in ("plain", "checkpointed"):
+        layer.zero_grad()
+        x = x0.clone().requires_grad_()
+        seen = []
+        def spy(n):
+            def f(self, *a, **k):
+                seen.append(n)
+                return saved[n](self, *a, **k)
+            return f
+        for n in names:
+            setattr(torch.Tensor, n, spy(n))
+        try:
+            if mode == "plain":
+                y = layer(x).out
+            else:
+                y = checkpoint(lambda t: layer(t).out, x, use_reentrant=False,
+                               context_fn=lambda: checkpoint_contexts(layer))
+            (y * torch.arange(24.0)).sum().backward()
+        finally:
+            for n in names:
+                setattr(torch.Tensor, n, saved[n])
+        out[mode] = {"reads": seen, "grads": [x.grad.flatten().tolist()] + [p.grad.flatten().tolist()
+                                                                          for p in layer.parameters()]}
+    return out
+
+
 def forced(rank, g):
     """Forced routing under EP: every rank's tokens on EP rank 0's experts."""
     from blues.moe import MoE, forced_routing
@@ -189,7 +229,7 @@ def worker(rank, out_dir, port):
     again = ensure_ep_groups(2)  # a second call finds the groups: no second set of groups
     res = {"ep_rank": g.ep_rank, "edp_size": g.edp_size, "same_groups": again.ep_group is g.ep_group,
            "exchange": exchange(rank, g), "cases": ep_cases(rank, g), "host_reads": host_reads(rank, g),
-           "forced_counts": forced(rank, g)}
+           "forced_counts": forced(rank, g), "checkpointed": checkpointed(rank, g)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     torch.distributed.destroy_process_group()
@@ -291,6 +331,18 @@ def test_one_host_read_per_ep_layer_forward(ranks):
     copy into pinned memory, waited on just before the first exchange."""
     for res in ranks:
         assert res["host_reads"] == ["tolist"], res["host_reads"]
+
+
+def test_checkpoint_recompute_reuses_the_split_plan(ranks):
+    """Under activation checkpointing the layer's forward runs twice; the recompute replays the
+    forward's split plan (PlanReplay), so forward + backward read the host exactly as often as
+    without checkpointing (the one split-plan read, plus what the backward itself reads), and the
+    gradients are identical (the same routing and exchanges, recomputed in the same order)."""
+    for res in ranks:
+        plain, ckpt = res["checkpointed"]["plain"], res["checkpointed"]["checkpointed"]
+        assert plain["reads"].count("tolist") >= 1
+        assert ckpt["reads"] == plain["reads"], (ckpt["reads"], plain["reads"])
+        assert ckpt["grads"] == plain["grads"]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from blues.config import tiny
 from blues.model import Blues
 from blues.train import balance
 
-SMALL = dict(n_embd=64, n_head=2, block_size=32, expert_ffn_size=64, micro_batch_size=4)
+SMALL = dict(n_embd=64, n_head=2, block_size=32, num_experts=4, expert_ffn_size=64, micro_batch_size=4)
 
 
 # ----------------------------------------------------------------------------- the rule

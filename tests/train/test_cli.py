@@ -38,7 +38,7 @@ def test_zero3_with_deepspeed_backend_names_the_alternative(capsys, tmp_path):
 
 def test_ep_size_not_dividing_num_experts(capsys, tmp_path):
     line = _err(capsys, ["moe_backend=deepspeed", "ep_size=3", f"out_dir={tmp_path}"])
-    assert "ep_size=3 is invalid: must divide num_experts=4" in line
+    assert f"ep_size=3 is invalid: must divide num_experts={tiny().moe.num_experts}" in line
 
 
 def test_ep_size_not_dividing_world_size(capsys, tmp_path, monkeypatch):
@@ -52,7 +52,7 @@ def test_inconsistent_batch_fields(capsys, tmp_path):
     ds.update(train_batch_size=32, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=2)
     p = tmp_path / "ds.json"
     p.write_text(json.dumps(ds))
-    line = _err(capsys, ["--deepspeed_config", str(p), "grad_accum=2", f"out_dir={tmp_path}"])
+    line = _err(capsys, ["--deepspeed_config", str(p), "micro_batch_size=8", "grad_accum=2", f"out_dir={tmp_path}"])
     assert "train_batch_size=32 contradicts micro_batch_size=8 * grad_accum=2 * world size 1 = 16" in line
 
 
@@ -61,7 +61,7 @@ def test_batch_field_contradicting_blues(capsys, tmp_path):
     ds["train_micro_batch_size_per_gpu"] = 2
     p = tmp_path / "ds.json"
     p.write_text(json.dumps(ds))
-    line = _err(capsys, ["--deepspeed_config", str(p), f"out_dir={tmp_path}"])
+    line = _err(capsys, ["--deepspeed_config", str(p), "micro_batch_size=8", f"out_dir={tmp_path}"])
     assert "train_micro_batch_size_per_gpu=2 contradicts micro_batch_size=8" in line
 
 
@@ -77,7 +77,8 @@ def test_resume_incompatible_checkpoint_lists_fields(capsys, tmp_path):
     (tag / "blues_complete.json").write_text(json.dumps({"config": tiny().to_dict(), "step": 10}))
     (tmp_path / "checkpoints" / "latest").write_text("step_00000010")
     line = _err(capsys, ["n_layer=3", "num_experts=8", f"out_dir={tmp_path}"])
-    assert "cannot resume" in line and "n_layer: 2 -> 3" in line and "num_experts: 4 -> 8" in line
+    assert "cannot resume" in line and "n_layer: 2 -> 3" in line
+    assert f"num_experts: {tiny().moe.num_experts} -> 8" in line
 
 
 def test_fp16_on_cpu(capsys, tmp_path):
@@ -110,7 +111,7 @@ def test_validation_runs_once_per_start(capsys, tmp_path, monkeypatch):
         return real_check(*a, **k)
 
     def build_engine(cfg, ds_config, *, validated=False, **kw):
-        assert validated and ds_config["train_batch_size"] == 8  # the resolved dict, "auto" filled
+        assert validated and ds_config["train_batch_size"] == tiny().train.micro_batch_size  # "auto" filled
         raise ValueError("stopped before DeepSpeed starts")
 
     monkeypatch.setattr(cli, "validate", validate)
@@ -123,14 +124,14 @@ def test_validation_runs_once_per_start(capsys, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- where a run starts (issue 9:
 # each test builds the checkpoint folder on disk; the refusals come before anything starts)
 
-def _checkpoint(out_dir, step, config=None, shard_bytes=b"x" * 1000):
-    """A complete checkpoint as save() leaves it: one shard, the marker with the shard's size."""
+def _checkpoint(out_dir, step, config=None, shard_bytes=b"x" * 1000, **meta):
+    """A complete checkpoint as save() leaves it: one shard, the marker with the shard's size (and `meta`)."""
     tag = out_dir / "checkpoints" / f"step_{step:08d}"
     tag.mkdir(parents=True)
     (tag / "mp_rank_00_model_states.pt").write_bytes(shard_bytes)
     (tag / "blues_complete.json").write_text(json.dumps({
         "config": (config or tiny()).to_dict(), "step": step,
-        "files": {"mp_rank_00_model_states.pt": len(shard_bytes)}}))
+        "files": {"mp_rank_00_model_states.pt": len(shard_bytes)}, **meta}))
     (out_dir / "checkpoints" / "latest").write_text(f"step_{step:08d}")
     return tag
 
@@ -163,6 +164,17 @@ def test_fresh_start_over_complete_checkpoints_is_refused(capsys, tmp_path):
                                 "max_steps=1", "--no_export"])
     assert "starting from step 0 (--resume none) would overwrite or delete the complete checkpoint(s) " \
            "step_00000010" in line
+
+
+def test_resume_the_converter_cannot_do_is_refused_before_the_engine(capsys, tmp_path):
+    """A DeepSpeed-backend checkpoint of 2 ranks at ep_size=2, resumed on 1 rank at ep_size=1: the
+    reshard converter cannot read DeepSpeed's per-expert files, and blues-train says so before it builds
+    an engine (the test runs in-process with no process group: an engine build would need one)."""
+    _checkpoint(tmp_path, 10, tiny().replace(moe_backend="deepspeed", ep_size=2), world_size=2, zero_stage=2,
+                tokenizer_sha256="a" * 64)
+    line, _ = _refused(capsys, [f"out_dir={tmp_path}", f"data_dir={tmp_path / 'data'}", "max_steps=11",
+                                "moe_backend=deepspeed", "--no_export"])
+    assert "cannot resume: ep_size 2 -> 1, world size 2 -> 1 with moe_backend=deepspeed" in line, line
 
 
 def test_truncated_shard_is_one_line_naming_the_file(capsys, tmp_path):

@@ -1,0 +1,269 @@
+"""The Hugging Face families Blues reads and writes: their config.json fields and tensor names.
+
+Shapes: D model width, F expert hidden size, E experts, V vocabulary, Dh head width, H heads.
+
+Mixtral (model_type mixtral) on disk -> Blues:
+  model.embed_tokens.weight (V, D)                       tok_emb.weight (V, D)
+  lm_head.weight (V, D)                                   lm_head.weight (absent when tied)
+  model.norm.weight                                       norm.weight
+  model.layers.i.input_layernorm.weight                   blocks.i.attn_norm.weight
+  model.layers.i.post_attention_layernorm.weight          blocks.i.mlp_norm.weight
+  model.layers.i.self_attn.{q,k,v,o}_proj.weight          blocks.i.attn.w{q,k,v,o}.weight (same layout)
+  model.layers.i.block_sparse_moe.gate.weight (E, D)      blocks.i.mlp.router.weight (E, D)
+  ...block_sparse_moe.experts.e.w1.weight (F, D)          blocks.i.mlp.experts.w_gate[e] (D, F), transposed
+  ...block_sparse_moe.experts.e.w3.weight (F, D)          blocks.i.mlp.experts.w_up[e] (D, F), transposed
+  ...block_sparse_moe.experts.e.w2.weight (D, F)          blocks.i.mlp.experts.w_down[e] (F, D), transposed
+Qwen3-MoE (model_type qwen3_moe) differs in:
+  ...self_attn.{q,k,v,o}_proj.bias (attention_bias)       blocks.i.attn.w{q,k,v,o}.bias
+  ...self_attn.{q,k}_norm.weight (Dh,)                    blocks.i.attn.{q,k}_norm.weight (qk_norm=head)
+  ...mlp.gate.weight (E, D)                               blocks.i.mlp.router.weight
+  ...mlp.experts.e.{gate,up,down}_proj.weight             as w1, w3, w2 above
+  ...mlp.{gate,up,down}_proj.weight (dense layers)        blocks.i.mlp.w_{gate,up,down}.weight (same layout)
+transformers 5 keeps the experts fused in memory (mlp.experts.gate_up_proj (E, 2F, D), gate rows
+first, and mlp.experts.down_proj (E, D, F)) and renames Mixtral's block_sparse_moe to mlp, but
+saves the per-expert names above (its conversion_mapping.py); import reads both, export writes the
+per-expert names, which transformers 4 and 5 both load. RoPE needs no permutation: Blues rotates
+by halves, as transformers' rotate_half.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from blues.config import BluesConfig, ModelConfig, MoEConfig
+
+log = logging.getLogger(__name__)
+
+HF_CONFIG_NAME = "config.json"
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class Family(NamedTuple):
+    """What tells one Hugging Face MoE family's checkpoint apart."""
+    model_type: str
+    title: str  # for messages
+    architecture: str
+    moe_prefix: str  # the MoE block's name on disk (transformers 5 renames Mixtral's to `mlp` in memory)
+    expert_weights: tuple[tuple[str, str], ...]  # (name on disk, Blues stacked weight): gate, up, down
+    default_theta: float  # its config class's rope_theta when a config names none
+
+
+MIXTRAL = Family("mixtral", "Mixtral", "MixtralForCausalLM", "block_sparse_moe",
+                 (("w1.weight", "w_gate"), ("w3.weight", "w_up"), ("w2.weight", "w_down")), 1e6)
+QWEN3_MOE = Family("qwen3_moe", "Qwen3-MoE", "Qwen3MoeForCausalLM", "mlp",
+                   (("gate_proj.weight", "w_gate"), ("up_proj.weight", "w_up"), ("down_proj.weight", "w_down")),
+                   1e4)
+FAMILIES = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE)}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+# ----------------------------------------------------------------------------- config
+
+def family_of(hf_config: dict[str, Any]) -> Family:
+    model_type = hf_config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type={model_type!r} in {HF_CONFIG_NAME} is not supported: expected one of "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return FAMILIES[model_type]
+
+
+def _expert_keys(family: Family) -> tuple[str, str]:
+    """(number of experts, expert hidden size) as the family's config names them."""
+    return ("num_local_experts", "intermediate_size") if family is MIXTRAL else ("num_experts",
+                                                                                "moe_intermediate_size")
+
+
+def config_from_hf(hf_config: dict[str, Any]) -> BluesConfig:
+    """The BluesConfig of a Hugging Face config.json (a dict), or one ValueError naming the field
+    that Blues cannot express.
+
+    HF's load-balancing loss is top_k times Blues' per layer (HF counts f_e per token, Blues per
+    assignment) and is pooled over layers where Blues averages per-layer losses, so aux_loss_coef =
+    router_aux_loss_coef * top_k gives the same weight for one layer and nearly the same for
+    several. Neither family has a z-loss (z_loss_coef 0) or router noise (router_noise_std 0);
+    Mixtral's router_jitter_noise (a training-time input jitter Blues lacks) and attention_dropout
+    are dropped with one warning line each. Qwen3-MoE: a layer is MoE iff it is not in
+    mlp_only_layers and (i + 1) % decoder_sparse_step == 0; the others (dense_layers) are dense
+    SwiGLUs of intermediate_size; norm_topk_prob as the config says (its class defaults to false)."""
+    fam = family_of(hf_config)
+    h = dict(hf_config)
+    if fam is QWEN3_MOE and h.get("num_experts") is None:  # transformers 5 saves it under Mixtral's name
+        h["num_experts"] = h.get("num_local_experts")
+    n_exp, f_exp = _expert_keys(fam)
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                n_exp, f_exp, "num_experts_per_tok", "max_position_embeddings")
+    missing = [k for k in dict.fromkeys(required) if h.get(k) is None]
+    if missing:
+        raise ValueError(f"{HF_CONFIG_NAME} lacks {', '.join(missing)}: a {fam.title} config names each of "
+                         f"{', '.join(dict.fromkeys(required))}")
+    D, H, T, L = h["hidden_size"], h["num_attention_heads"], h["max_position_embeddings"], h["num_hidden_layers"]
+    if h.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={h['hidden_act']!r} cannot be expressed: Blues' experts are SwiGLU (silu)")
+    window = h.get("sliding_window") if fam is MIXTRAL or h.get("use_sliding_window") else None
+    if window is not None and window < T:
+        raise ValueError(f"sliding_window={window} cannot be expressed: Blues attends over the whole context "
+                         f"(max_position_embeddings={T}); import only a model whose window is null or >= the "
+                         "context")
+    rope = h.get("rope_parameters") or h.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope_parameters.rope_type={rope_type!r} cannot be expressed: Blues has plain RoPE "
+                         "(rope_type 'default') only")
+    theta = rope.get("rope_theta", h.get("rope_theta", fam.default_theta))
+    for name in ("router_jitter_noise", "attention_dropout"):
+        if h.get(name):
+            log.warning("%s=%s in %s is dropped: Blues has no such training-time setting; inference is the same",
+                        name, h[name], HF_CONFIG_NAME)
+    top_k = h["num_experts_per_tok"]
+    model = dict(vocab_size=h["vocab_size"], block_size=T, n_layer=L, n_head=H, n_embd=D,
+                 num_kv_heads=h.get("num_key_value_heads") or H, dropout=0.0, rope_theta=float(theta),
+                 norm_eps=float(h.get("rms_norm_eps", 1e-5 if fam is MIXTRAL else 1e-6)),
+                 tie_embeddings=bool(h.get("tie_word_embeddings", False)),
+                 init_std=float(h.get("initializer_range", 0.02)), head_dim=h.get("head_dim"))
+    moe = dict(num_experts=h[n_exp], top_k=top_k, expert_ffn_size=h[f_exp], router_noise_std=0.0,
+               router_score_func="softmax", norm_topk_prob=True,
+               aux_loss_coef=float(h.get("router_aux_loss_coef", 0.001)) * top_k, z_loss_coef=0.0,
+               capacity_factor=None)
+    if fam is QWEN3_MOE:
+        step = h.get("decoder_sparse_step", 1)
+        dense = sorted(i for i in range(L) if i in (h.get("mlp_only_layers") or []) or (i + 1) % step != 0)
+        model.update(qk_norm="head", attention_bias=bool(h.get("attention_bias", False)))
+        moe.update(norm_topk_prob=bool(h.get("norm_topk_prob", False)), dense_layers=dense or None,
+                   dense_ffn_size=h["intermediate_size"])
+    return BluesConfig(model=ModelConfig(**model), moe=MoEConfig(**moe))
+
+
+def _refusals(config: BluesConfig, family: Family) -> list[str]:
+    """'field=value: why' for every Blues setting `family` cannot express."""
+    mc, m = config.model, config.moe
+    dense = [i for i in range(mc.n_layer) if not m.is_moe_layer(i)]
+    checks = [
+        (m.num_shared_experts != 0, "num_shared_experts", m.num_shared_experts, "it has no shared expert"),
+        (m.router_score_func != "softmax", "router_score_func", m.router_score_func, "its router is a softmax"),
+        (m.balance_bias_rate != 0, "balance_bias_rate", m.balance_bias_rate, "it has no expert-selection bias"),
+    ]
+    if family is MIXTRAL:
+        checks += [
+            (bool(dense), "dense layers", dense, "every Mixtral layer is MoE"),
+            (not m.norm_topk_prob, "norm_topk_prob", m.norm_topk_prob, "Mixtral renormalises the top-k weights"),
+            (mc.qk_norm != "none", "qk_norm", mc.qk_norm, "Mixtral has no QK-norm"),
+            (mc.attention_bias, "attention_bias", mc.attention_bias, "Mixtral's projections have no bias"),
+        ]
+    else:
+        checks.append((mc.qk_norm != "head", "qk_norm", mc.qk_norm, "Qwen3-MoE always norms each head"))
+    return [f"{name}={value!r} ({why})" for bad, name, value, why in checks if bad]
+
+
+def export_family(config: BluesConfig) -> Family:
+    """The family save_hf writes: Mixtral where it expresses the model, else Qwen3-MoE; ValueError
+    naming each field that neither expresses."""
+    problems = {}
+    for fam in (MIXTRAL, QWEN3_MOE):
+        problems[fam] = _refusals(config, fam)
+        if not problems[fam]:
+            return fam
+    raise ValueError("cannot be exported: " + "; ".join(f"{fam.title} cannot express {', '.join(p)}"
+                                                          for fam, p in problems.items()))
+
+
+def config_to_hf(config: BluesConfig, dtype: torch.dtype = torch.float32,
+                 family: Optional[Family] = None) -> dict[str, Any]:
+    """The config.json of a Blues config in `family` (default export_family's choice), or one
+    ValueError naming each Blues field that the family cannot express (see config_from_hf for the
+    aux-loss mapping, reversed here)."""
+    fam = family or export_family(config)
+    problems = _refusals(config, fam)
+    if problems:
+        raise ValueError(f"cannot be exported to {fam.title}: {'; '.join(problems)}")
+    mc, m = config.model, config.moe
+    n_exp, f_exp = _expert_keys(fam)
+    out = {
+        "architectures": [fam.architecture], "model_type": fam.model_type, "dtype": _DTYPE_NAMES[dtype],
+        "vocab_size": mc.vocab_size, "hidden_size": mc.n_embd, "num_hidden_layers": mc.n_layer,
+        "num_attention_heads": mc.n_head, "num_key_value_heads": mc.num_kv_heads, "head_dim": mc.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": mc.block_size, "initializer_range": mc.init_std,
+        "rms_norm_eps": mc.norm_eps, "use_cache": True,
+        # No token ids: Blues' own tokenizer is not exported yet, and a default eos (Mixtral's is 2)
+        # would stop transformers' generation where Blues' does not.
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        "tie_word_embeddings": mc.tie_embeddings, "sliding_window": None, "attention_dropout": 0.0,
+        "num_experts_per_tok": m.top_k, n_exp: m.num_experts, f_exp: m.expert_ffn_size,
+        "output_router_logits": False, "router_aux_loss_coef": m.aux_loss_coef / m.top_k,
+        "rope_parameters": {"rope_theta": mc.rope_theta, "rope_type": "default"},
+    }
+    if fam is MIXTRAL:
+        out["router_jitter_noise"] = 0.0
+    else:
+        out.update(intermediate_size=m.dense_hidden, attention_bias=mc.attention_bias, use_sliding_window=False,
+                   decoder_sparse_step=1, norm_topk_prob=m.norm_topk_prob,
+                   mlp_only_layers=[i for i in range(mc.n_layer) if not m.is_moe_layer(i)])
+    return out
+
+
+# ----------------------------------------------------------------------------- name map
+
+class TensorMap(NamedTuple):
+    """One tensor on disk (or one expert's slice of a fused one) and where it lives in Blues."""
+    hf_name: str
+    hf_shape: tuple[int, ...]  # of the whole tensor on disk
+    blues_name: str  # a parameter of Blues
+    expert: Optional[int] = None  # slice [expert] of a stacked Blues weight; None: the whole parameter
+    hf_expert: Optional[int] = None  # slice [hf_expert] of a fused tensor on disk
+    hf_rows: Optional[tuple[int, int]] = None  # rows [a, b) of that slice (gate_up_proj: gate, then up)
+    transpose: bool = False
+
+
+def _dense_names(config: BluesConfig, is_moe: list[bool]) -> list[tuple[str, str]]:
+    """(HF name, Blues name) of every tensor stored as it is (no transpose, no stacking)."""
+    mc = config.model
+    out = [("model.embed_tokens.weight", "tok_emb.weight"), ("model.norm.weight", "norm.weight")]
+    if not mc.tie_embeddings:
+        out.append(("lm_head.weight", "lm_head.weight"))
+    for i in range(mc.n_layer):
+        p, b = f"model.layers.{i}.", f"blocks.{i}."
+        out += [(p + "input_layernorm.weight", b + "attn_norm.weight"),
+                (p + "post_attention_layernorm.weight", b + "mlp_norm.weight")]
+        kinds = ("weight", "bias") if mc.attention_bias else ("weight",)
+        out += [(f"{p}self_attn.{x}_proj.{w}", f"{b}attn.w{x}.{w}") for x in "qkvo" for w in kinds]
+        if mc.qk_norm == "head":
+            out += [(f"{p}self_attn.{x}_norm.weight", f"{b}attn.{x}_norm.weight") for x in "qk"]
+        if not is_moe[i]:
+            out += [(f"{p}mlp.{x}_proj.weight", f"{b}mlp.w_{x}.weight") for x in ("gate", "up", "down")]
+    return out
+
+
+def tensor_map(model, family: Family, hf_names: Optional[set[str]] = None) -> list[TensorMap]:
+    """Every tensor of a `family` checkpoint for `model`'s config (a Blues model; meta or real),
+    and where it goes.
+
+    hf_names (the names a checkpoint holds) picks each layer's layout: fused experts where that
+    layer has gate_up_proj or down_proj, else per-expert names under `mlp` or the family's MoE
+    name (transformers renames Mixtral's block_sparse_moe to mlp on load, so both occur); None
+    gives the layout export writes."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    is_moe = [block.is_moe for block in model.blocks]
+    out = [TensorMap(h, shapes[b], b) for h, b in _dense_names(model.config, is_moe)]
+    names = hf_names or set()
+    E = model.config.moe.num_experts
+    for i in range(model.config.model.n_layer):
+        if not is_moe[i]:
+            continue
+        p, b = f"model.layers.{i}.", f"blocks.{i}.mlp."
+        moe = "mlp" if any(n.startswith(p + "mlp.") for n in names) else family.moe_prefix
+        out.append(TensorMap(f"{p}{moe}.gate.weight", shapes[b + "router.weight"], b + "router.weight"))
+        D, F = shapes[b + "experts.w_gate"][1:]
+        if f"{p}mlp.experts.gate_up_proj" in names or f"{p}mlp.experts.down_proj" in names:
+            gu, dn = f"{p}mlp.experts.gate_up_proj", f"{p}mlp.experts.down_proj"
+            for e in range(E):
+                out += [TensorMap(gu, (E, 2 * F, D), b + "experts.w_gate", e, e, (0, F), True),
+                        TensorMap(gu, (E, 2 * F, D), b + "experts.w_up", e, e, (F, 2 * F), True),
+                        TensorMap(dn, (E, D, F), b + "experts.w_down", e, e, None, True)]
+            continue
+        for e in range(E):
+            for hf_w, blues_w in family.expert_weights:
+                shape = shapes[f"{b}experts.{blues_w}"][1:][::-1]  # (F, D) or (D, F)
+                out.append(TensorMap(f"{p}{moe}.experts.{e}.{hf_w}", shape, f"{b}experts.{blues_w}", e,
+                                     transpose=True))
+    return out

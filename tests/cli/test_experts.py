@@ -1,0 +1,94 @@
+"""blues-experts plot: a short real blues-train run, its monitor CSV files (the expert telemetry of
+blues.train.metrics among them), and the PNGs drawn from them; bad RUN_DIRs are one line, exit 2."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from blues.cli.experts import DPI, figure_size, main, monotone_clock, read_series
+
+L, E, STEPS, LOG = 2, 4, 20, 5
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """blues-train at the smallest size that still routes: 2 MoE layers of 4 experts, 20 steps, a log line
+    every 5 and a validation every 10 (~15 s on a quiet 2-core machine)."""
+    from blues.data.prepare import prepare
+    tmp = tmp_path_factory.mktemp("experts_run")
+    prepare(str(tmp / "data"), progress=False)
+    p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "blues-train"), f"n_layer={L}", "n_embd=64",
+                        "n_head=2", "block_size=32", "micro_batch_size=4", f"num_experts={E}", "expert_ffn_size=64",
+                        f"max_steps={STEPS}", f"log_interval={LOG}", "eval_interval=10", "eval_steps=2",
+                        "save_interval=100", "warmup_steps=5", f"data_dir={tmp / 'data'}", f"out_dir={tmp / 'out'}",
+                        "--no_export", "--progress", "off"], cwd=tmp, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return tmp / "out", p.stdout
+
+
+@pytest.mark.slow  # shares one ~20-60 s blues-train run
+def test_run_logs_the_expert_telemetry(small_run):
+    out, stdout = small_run
+    mon = out / "monitor" / "blues"
+    for i in range(L):
+        div = read_series(str(mon / f"moe_layer_{i}_expert_diversity.csv"))
+        assert list(div) == [5, 10, 15, 20], "one row per log line"
+        assert all(1 / E <= v <= 1 for v in div.values()), div
+        assert list(read_series(str(mon / f"moe_layer_{i}_dead_expert_frac.csv"))) == [5, 10, 15, 20]
+        for s in (5, 20):  # load / ideal averages to 1 over a layer's experts, by definition of the ideal
+            util = [read_series(str(mon / f"moe_expert_utilization_layer_{i}_expert_{j}.csv"))[s] for j in range(E)]
+            assert sum(util) == pytest.approx(E, rel=1e-9), util
+    assert len(read_series(str(mon / "Train_elapsed_s.csv"))) == STEPS
+    line = next(x for x in stdout.splitlines() if x.startswith(f"step {STEPS}/{STEPS} |"))
+    assert "| experts worst layer " in line and " diversity " in line, line
+
+
+@pytest.mark.slow  # shares one ~20-60 s blues-train run
+def test_plot_writes_valid_pngs_of_the_expected_size(small_run, tmp_path, capsys):
+    from PIL import Image
+    out, _ = small_run
+    assert main(["plot", str(out), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(os.path.basename(p) for p in printed) == ["expert_load.png", "final_load.png", "loss.png"]
+    for name, layers in (("expert_load", L), ("final_load", L), ("loss", 0)):
+        w, h = figure_size(name, layers)
+        with Image.open(tmp_path / f"{name}.png") as im:
+            im.verify()  # a complete, uncorrupted PNG
+        with Image.open(tmp_path / f"{name}.png") as im:
+            assert im.format == "PNG" and im.size == (round(w * DPI), round(h * DPI)), (name, im.size)
+            assert len(im.convert("RGB").getcolors(maxcolors=1 << 20)) > 20, f"{name}.png looks blank"
+    assert figure_size("expert_load", 3)[1] > figure_size("expert_load", 2)[1], "one row per MoE layer"
+
+
+@pytest.mark.slow  # shares one ~20-60 s blues-train run
+def test_default_output_folder_is_run_dir_plots(small_run, capsys):
+    out, _ = small_run
+    assert main(["plot", str(out)]) == 0
+    assert (out / "plots" / "expert_load.png").is_file()
+
+
+@pytest.mark.parametrize("case", ["missing", "no_csv"])
+def test_bad_run_dir_is_one_line_exit_2(tmp_path, capsys, case):
+    run_dir = tmp_path / "nope" if case == "missing" else tmp_path
+    (tmp_path / "monitor" / "blues").mkdir(parents=True)  # an empty monitor folder is no run either
+    assert main(["plot", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("blues-experts: error: RUN_DIR") and "Traceback" not in err
+    assert ("does not exist" if case == "missing" else "holds no monitor CSV files") in err
+    assert not (tmp_path / "plots").exists(), "nothing written for a bad RUN_DIR"
+
+
+def test_csv_of_a_resumed_run(tmp_path):
+    """DeepSpeed's csv_monitor writes a header each time a process opens the file, so a run resumed from
+    its step-3 checkpoint adds a header mid-file and writes steps 4-5 again: the later rows win; its
+    Train/elapsed_s restarts at 0 and the clock continues from the last time written."""
+    p = tmp_path / "Train_elapsed_s.csv"
+    p.write_text("step,elapsed_s\n1,1.0\n2,2.0\n3,3.0\n4,4.0\n5,5.0\nstep,elapsed_s\n4,0.5\n5,1.5\n6,2.5\n")
+    s = read_series(str(p))
+    assert s == {1: 1.0, 2: 2.0, 3: 3.0, 4: 0.5, 5: 1.5, 6: 2.5}
+    assert monotone_clock(s) == {1: 1.0, 2: 2.0, 3: 3.0, 4: 3.5, 5: 4.5, 6: 5.5}
+    p.write_text("step,loss\n1,abc\n")
+    with pytest.raises(ValueError, match=r"row \['1', 'abc'\] is not `step,value`"):
+        read_series(str(p))
