@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 MODELS = ("moe", "dense_active", "dense_total", "moe_e8", "moe_e16")
 SHOWN = ("n_layer", "n_embd", "vocab_size", "micro_batch_size", "num_experts", "top_k", "expert_ffn_size",
          "num_shared_experts", "num_dense_layers", "dense_ffn_size", "router_noise_std", "aux_loss_coef",
-         "z_loss_coef", "balance_bias_rate", "lr", "min_lr", "warmup_steps")
+         "z_loss_coef", "routed_scaling_factor", "balance_bias_rate", "lr", "min_lr", "warmup_steps")
 
 
 def model_configs(base, names, variants=()):

@@ -183,6 +183,20 @@ def test_export_loads_in_transformers(tmp_path, shard):
     assert model.generate(prompt, max_new_tokens=20, temperature=0) == ref.tolist()
 
 
+def test_routed_scaling_factor_is_folded_into_the_exported_down_projections(tmp_path):
+    """Mixtral has no routed_scaling_factor: save_hf multiplies each expert's down projection by it
+    (exact: the combine is linear in the routing weights), so transformers computes the same logits."""
+    model = blues_model(routed_scaling_factor=2.0)
+    save_hf(model, str(tmp_path / "hf"))
+    hf = hf_load(tmp_path / "hf")
+    x = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        unscaled = Blues(model.config.replace(routed_scaling_factor=1.0)).eval()
+        unscaled.load_state_dict(model.state_dict())
+        assert (unscaled(x).logits - model(x).logits).abs().max() > 10 * ATOL  # the factor matters here
+        torch.testing.assert_close(hf(x).logits, model(x).logits, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("layout", ["sharded", "fused", "tied"])
 def test_round_trip_gives_the_same_tensors(hf_dirs, tmp_path, layout):
     save_hf(load_hf(hf_dirs[layout]), str(tmp_path / "out"))

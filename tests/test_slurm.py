@@ -22,7 +22,7 @@ from blues import slurm
 
 REPO = Path(__file__).resolve().parent.parent
 ZERO2 = str(REPO / "ds_configs" / "zero2.json")
-SMALL = ["n_embd=64", "n_layer=1", "n_head=4", "num_kv_heads=1", "block_size=32", "micro_batch_size=2",
+SMALL = ["n_embd=64", "n_layer=1", "n_head=4", "num_kv_heads=1", "block_size=32", "num_experts=4", "micro_batch_size=2",
          "eval_steps=1", "log_interval=1"]
 
 
@@ -108,12 +108,12 @@ def test_probe_block_feeds_the_probed_config_to_training(tmp_path, no_slurm):
 
 @pytest.mark.parametrize("extra, match", [
     # one line per mistake; each names the flag or field and the value
-    (["--nproc_per_node", "2", "num_experts=8", "ep_size=4", "moe_backend=deepspeed"],
+    (["--nproc_per_node", "2", "num_experts=8", "ep_size=4", "moe_backend=deepspeed", "balance_bias_rate=0"],
      "ep_size=4 does not divide the world size 2 (--nodes 1 x --nproc_per_node 2): use a world size that is a "
      "multiple of 4 (e.g. --nodes 2)"),
-    (["--nproc_per_node", "3", "num_experts=8", "ep_size=2", "moe_backend=deepspeed"],
+    (["--nproc_per_node", "3", "num_experts=8", "ep_size=2", "moe_backend=deepspeed", "balance_bias_rate=0"],
      "ep_size=2 does not divide the world size 3"),
-    (["ep_size=3"], "ep_size=3 is invalid: must divide num_experts=4"),
+    (["num_experts=4", "ep_size=3"], "ep_size=3 is invalid: must divide num_experts=4"),
     (["--time", "00:01:00"], "--time 00:01:00 (60 s) is not longer than --signal_seconds 120"),
     (["--time", "tomorrow"], "--time 'tomorrow' is not a Slurm time limit"),
     (["--nodes", "0"], "--nodes 0 is invalid"),
@@ -128,8 +128,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, no_slurm, extra, match):
 def test_contradicting_deepspeed_batch_is_refused(tmp_path, no_slurm):
     ds = tmp_path / "ds.json"
     ds.write_text('{"train_batch_size": 64, "zero_optimization": {"stage": 2}}')
-    r = run_cli(["--preset", "tiny", "--deepspeed_config", str(ds), "--nproc_per_node", "2", "--dry-run"],
-                path=no_slurm)
+    r = run_cli(["--preset", "tiny", "--deepspeed_config", str(ds), "--nproc_per_node", "2", "--dry-run",
+                 "micro_batch_size=8"], path=no_slurm)
     assert_one_line_error(r, "train_batch_size=64 contradicts micro_batch_size=8 * grad_accum=1 * world size 2 = 16")
 
 

@@ -18,12 +18,16 @@ def _export_tensors(model: Blues, family: Family,
                     dtype: torch.dtype) -> list[tuple[str, Callable[[], torch.Tensor], int]]:
     """(HF name, a function giving the tensor, its size in bytes) for every tensor save_hf writes."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    # routed_scaling_factor s (the families have none): s * w * down(h) = w * (s * down)(h), folded into w_down.
+    scale = model.config.moe.routed_scaling_factor
     out = []
     for t in tensor_map(model, family):
         p = params[t.blues_name] if t.expert is None else params[t.blues_name][t.expert]
+        s = scale if t.blues_name.endswith("experts.w_down") else 1.0
 
-        def make(p=p, t=t):
+        def make(p=p, t=t, s=s):
             x = p.detach().T if t.transpose else p.detach()
+            x = x.to("cpu", torch.float32) * s if s != 1.0 else x
             return x.to("cpu", dtype).contiguous()
 
         n = 1

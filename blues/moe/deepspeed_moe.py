@@ -235,6 +235,8 @@ class DeepSpeedMoE(nn.Module):
         kept = indices.reshape(-1).long()
         counts = torch.bincount(kept[kept >= 0], minlength=E)  # (E,)
         dropped = (kept < 0).sum()
+        if self.cfg.routed_scaling_factor != 1.0:  # the combine is linear in the weights: scaling its output is exact
+            out = out * self.cfg.routed_scaling_factor
         if self.shared is not None:
             out = out + self.shared(x)
         selected = exp_counts.to(device=counts.device, dtype=counts.dtype)  # (E,) before the capacity cut

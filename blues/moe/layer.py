@@ -143,6 +143,8 @@ class MoE(nn.Module):
         else:
             dropped = torch.zeros((), dtype=torch.long, device=x.device)
 
+        if m.routed_scaling_factor != 1.0:
+            weights = weights * m.routed_scaling_factor  # (N, K), still fp32
         ex = self.experts
         p_drop = m.expert_dropout if self.training else 0.0
         if self.ep is not None:

@@ -38,7 +38,7 @@ def _cfg(cf, N, E, K, backend):
     # K=1: DeepSpeed's top-1 weighs the one expert by its probability (norm_topk_prob=False).
     return tiny().replace(n_embd=D, n_layer=1, block_size=N, num_experts=E, top_k=K, expert_ffn_size=16,
                           capacity_factor=cf, router_noise_std=0.0, norm_topk_prob=K > 1, moe_backend=backend,
-                          gradient_checkpointing=False)
+                          gradient_checkpointing=False, balance_bias_rate=0.0)  # DeepSpeed's gate has no bias
 
 
 def _all_tokens_to_the_first_k(layer, router_weight, N):

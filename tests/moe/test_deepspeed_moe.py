@@ -9,7 +9,9 @@ from blues.moe import deepspeed_moe as md
 
 
 def _cfg(**kw):
-    base = dict(moe_backend="deepspeed", router_noise_std=0.0, n_embd=64, block_size=16, expert_ffn_size=96)
+    # num_experts 4 keeps it quick; DeepSpeed's gate has no selection bias, so none (the preset has one)
+    base = dict(moe_backend="deepspeed", router_noise_std=0.0, n_embd=64, block_size=16, expert_ffn_size=96,
+                num_experts=4, balance_bias_rate=0.0, routed_scaling_factor=1.0)
     base.update(kw)
     return tiny().replace(**base)
 
@@ -26,7 +28,8 @@ def _pair(cfg):
 
 
 @pytest.mark.parametrize("kw", [
-    {},                                   # top-2 of 4, no capacity: the default shape of the tiny preset
+    {},                                   # top-2 of 4, no capacity
+    {"routed_scaling_factor": 2.0},       # the tiny preset's scale, applied to DeepSpeed's combined output
     {"num_experts": 5, "top_k": 3},       # k > 2 takes DeepSpeed's generic top-k gate; prime E
     {"top_k": 1, "norm_topk_prob": False},  # DeepSpeed's top-1 weights by the probability
     {"num_shared_experts": 1},            # shared experts are added outside DeepSpeed's layer

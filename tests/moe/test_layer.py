@@ -103,6 +103,37 @@ def test_one_expert_top1_equals_dense_swiglu():
     torch.testing.assert_close(moe.experts.w_down.grad[0], dense.w_down.weight.grad.T, rtol=1e-5, atol=1e-6)
 
 
+def test_routed_scaling_by_top_k_makes_sliced_experts_equal_their_dense_twin():
+    """The fact behind routed_scaling_factor=top_k: K experts that are the K column slices of one dense
+    SwiGLU of width K*F, all chosen with equal weight (a zero router: renormalised weights 1/K each),
+    scaled by K, are that dense SwiGLU (outputs and input gradients). Unscaled they give 1/K of it."""
+    K, D, Fh = 3, 24, 40
+    torch.manual_seed(0)
+    dense = SwiGLU(D, K * Fh)
+    out = {}
+    for scale in (1.0, float(K)):
+        cfg = BluesConfig.from_dict(dict(n_embd=D, n_head=2, num_kv_heads=1, num_experts=K, top_k=K, expert_ffn_size=Fh,
+                                         router_noise_std=0.0, routed_scaling_factor=scale, moe_backend="torch"))
+        moe = MoE(cfg)
+        with torch.no_grad():
+            moe.router.weight.zero_()
+            for e in range(K):
+                cols = slice(e * Fh, (e + 1) * Fh)
+                moe.experts.w_gate[e].copy_(dense.w_gate.weight[cols].T)
+                moe.experts.w_up[e].copy_(dense.w_up.weight[cols].T)
+                moe.experts.w_down[e].copy_(dense.w_down.weight[:, cols].T)
+        x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y = moe(x).out
+        y.sum().backward()
+        out[scale] = (y.detach(), x.grad)
+    x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    ref = dense(x)
+    ref.sum().backward()
+    torch.testing.assert_close(out[float(K)][0], ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[float(K)][1], x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1.0][0] * K, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("E, K", [(4, 1), (8, 2), (5, 5)])
 def test_balancing_losses_of_a_uniform_router(E, K):
     moe = make_moe(E=E, K=K)

@@ -97,6 +97,7 @@ def test_forced_routing_on_deepspeed_moe(tmp_path):
         out = {}
         for cf in (None, 2.0):
             cfg = get_preset("tiny").replace(n_embd=64, n_layer=1, block_size=32, moe_backend="deepspeed",
+                                             balance_bias_rate=0.0,
                                              num_experts=8, micro_batch_size=4, capacity_factor=cf)
             run = build_engine(cfg, None, with_data=False)
             x = torch.randint(0, cfg.model.vocab_size, (4, 32))

@@ -41,7 +41,7 @@ def run_probe(args, timeout=600):
     (["--router_skew", "2"], "--router_skew 2.0 is invalid"),
     (["--search", "random"], "argument --search: invalid choice: 'random'"),
     (["--device", "cuda"], "no CUDA device is visible"),
-    (["--nproc_per_node", "2", "moe_backend=deepspeed", "ep_size=4", "num_experts=8"],
+    (["--nproc_per_node", "2", "moe_backend=deepspeed", "balance_bias_rate=0", "ep_size=4", "num_experts=8"],
      "ep_size=4 does not divide the probe's world size 2"),
     (["n_layr=2"], "unknown config field(s): 'n_layr'"),
 ])

@@ -46,7 +46,7 @@ def test_bias_state_round_trip_and_shape_error():
     with pytest.raises(ValueError, match=r"balance bias of shape \(3, 4\) does not fit this model's 2 biased MoE "
                                          r"layers of 4 experts"):
         balance.set_bias(m, torch.zeros(3, 4))
-    off = Blues(tiny().replace(**SMALL))  # balance_bias_rate=0: no layer selects with a bias
+    off = Blues(tiny().replace(**SMALL, balance_bias_rate=0.0))  # no layer selects with a bias
     assert balance.biased_layers(off) == [] and balance.get_bias(off) is None
 
 

@@ -32,18 +32,18 @@ def test_missing_deepspeed_config(capsys, tmp_path):
 
 def test_zero3_with_deepspeed_backend_names_the_alternative(capsys, tmp_path):
     line = _err(capsys, ["--deepspeed_config", os.path.join(DS_CONFIG_DIR, "zero3.json"), "moe_backend=deepspeed",
-                         f"out_dir={tmp_path}"])
+                         "balance_bias_rate=0", f"out_dir={tmp_path}"])
     assert "cannot run under ZeRO stage 3" in line and "use moe_backend=torch" in line
 
 
 def test_ep_size_not_dividing_num_experts(capsys, tmp_path):
-    line = _err(capsys, ["moe_backend=deepspeed", "ep_size=3", f"out_dir={tmp_path}"])
+    line = _err(capsys, ["moe_backend=deepspeed", "balance_bias_rate=0", "ep_size=3", f"out_dir={tmp_path}"])
     assert f"ep_size=3 is invalid: must divide num_experts={tiny().moe.num_experts}" in line
 
 
 def test_ep_size_not_dividing_world_size(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # as the launcher would set it for 3 ranks
-    line = _err(capsys, ["moe_backend=deepspeed", "ep_size=2", f"out_dir={tmp_path}"])
+    line = _err(capsys, ["moe_backend=deepspeed", "balance_bias_rate=0", "ep_size=2", f"out_dir={tmp_path}"])
     assert "ep_size=2 is invalid: must divide the world size 3" in line
 
 
@@ -170,10 +170,11 @@ def test_resume_the_converter_cannot_do_is_refused_before_the_engine(capsys, tmp
     """A DeepSpeed-backend checkpoint of 2 ranks at ep_size=2, resumed on 1 rank at ep_size=1: the
     reshard converter cannot read DeepSpeed's per-expert files, and blues-train says so before it builds
     an engine (the test runs in-process with no process group: an engine build would need one)."""
-    _checkpoint(tmp_path, 10, tiny().replace(moe_backend="deepspeed", ep_size=2), world_size=2, zero_stage=2,
+    _checkpoint(tmp_path, 10, tiny().replace(moe_backend="deepspeed", balance_bias_rate=0.0, ep_size=2), world_size=2,
+                zero_stage=2,
                 tokenizer_sha256="a" * 64)
     line, _ = _refused(capsys, [f"out_dir={tmp_path}", f"data_dir={tmp_path / 'data'}", "max_steps=11",
-                                "moe_backend=deepspeed", "--no_export"])
+                                "moe_backend=deepspeed", "balance_bias_rate=0", "--no_export"])
     assert "cannot resume: ep_size 2 -> 1, world size 2 -> 1 with moe_backend=deepspeed" in line, line
 
 

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 DEEPSPEED = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
 DS = DS_CONFIG_DIR
 # 64 wide, 32 tokens, 4 sequences per rank: a 2-layer, 4-expert top-2 model (tiny preset otherwise)
-SMALL = ["n_embd=64", "block_size=32", "micro_batch_size=4", "log_interval=1", "warmup_steps=5"]
+SMALL = ["n_embd=64", "block_size=32", "num_experts=4", "micro_batch_size=4", "log_interval=1", "warmup_steps=5"]
 
 
 def _cmd(args: list[str], port: int) -> list[str]:
@@ -100,7 +100,8 @@ def ep2_reference(tmp_path_factory, data_dir):
     """30 uninterrupted steps, moe_backend=deepspeed, ep_size=2, ZeRO 2; saves at 10, 20, 30."""
     out = tmp_path_factory.mktemp("ep2_ref")
     p = launch(["--deepspeed_config", f"{DS}/zero2.json", *SMALL, f"data_dir={data_dir}", f"out_dir={out}",
-                "moe_backend=deepspeed", "ep_size=2", "max_steps=30", "lr_decay_steps=30", "save_interval=10",
+                "moe_backend=deepspeed", "balance_bias_rate=0", "ep_size=2",
+                "max_steps=30", "lr_decay_steps=30", "save_interval=10",
                 "eval_interval=10", "keep_last=5"], cwd=out)
     return str(out), ok(p)
 
@@ -148,7 +149,8 @@ def test_ep2_zero2_exact_resume(ep2_reference, tmp_path, data_dir):
     shutil.copytree(os.path.join(ref_out, "checkpoints", "step_00000010"), ck / "step_00000010")
     (ck / "latest").write_text("step_00000010")
     p = launch(["--deepspeed_config", f"{DS}/zero2.json", *SMALL, f"data_dir={data_dir}", f"out_dir={tmp_path}",
-                "moe_backend=deepspeed", "ep_size=2", "max_steps=20", "lr_decay_steps=30", "save_interval=10",
+                "moe_backend=deepspeed", "balance_bias_rate=0", "ep_size=2",
+                "max_steps=20", "lr_decay_steps=30", "save_interval=10",
                 "eval_interval=10", "--no_export"], cwd=tmp_path)
     log = ok(p)
     assert "at step 10" in log and "max_steps: 30 -> 20" in log, log[-3000:]
@@ -229,7 +231,8 @@ def test_rank_killed_mid_save_no_hang_resume_from_last_complete(tmp_path, data_d
     Launch 2: resumes from step 5; NaN at steps 7 and 8 with max_bad_steps=2 stops the run (exit 3)
     without saving, so the step-5 checkpoint stays the latest."""
     args = ["--deepspeed_config", f"{DS}/zero1.json", *SMALL, f"data_dir={data_dir}", f"out_dir={tmp_path}",
-            "moe_backend=deepspeed", "ep_size=2", "max_steps=30", "save_interval=5", "eval_interval=100",
+            "moe_backend=deepspeed", "balance_bias_rate=0", "ep_size=2", "max_steps=30", "save_interval=5",
+            "eval_interval=100",
             "--no_export"]
     p = start(args, cwd=tmp_path, env={"BLUES_FAULT_NAN_STEPS": "3", "BLUES_FAULT_KILL_IN_SAVE": "10"})
     lines, t_step10 = [], None
@@ -258,7 +261,8 @@ def test_rank_killed_mid_save_no_hang_resume_from_last_complete(tmp_path, data_d
 
 
 def test_ep_size_not_dividing_world_size_under_launcher(tmp_path):
-    p = launch(["ep_size=4", "moe_backend=deepspeed", f"out_dir={tmp_path}"], cwd=tmp_path, timeout=120)
+    p = launch(["ep_size=4", "moe_backend=deepspeed", "balance_bias_rate=0", f"out_dir={tmp_path}"], cwd=tmp_path,
+               timeout=120)
     assert p.returncode != 0
     err = p.stderr
     assert "blues-train: error: ep_size=4 is invalid: must divide the world size 2" in err, err[-2000:]

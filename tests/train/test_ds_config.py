@@ -65,7 +65,7 @@ def test_not_json(tmp_path):
 def test_contradiction_names_both_values(key, value, blues):
     ds = dict(BUILTIN_DS_CONFIG, **{key: value})
     with pytest.raises(ValueError, match=f"{key}={value!r} contradicts {blues}"):
-        resolve_ds_config(ds, tiny(), world_size=1)
+        resolve_ds_config(ds, tiny().replace(micro_batch_size=8), world_size=1)
 
 
 def test_train_batch_size_contradiction():
@@ -73,12 +73,12 @@ def test_train_batch_size_contradiction():
     ds = dict(BUILTIN_DS_CONFIG, train_batch_size=32)
     with pytest.raises(ValueError, match=r"train_batch_size=32 contradicts micro_batch_size=8 \* grad_accum=1 \* "
                                          r"world size 2 = 16"):
-        resolve_ds_config(ds, tiny(), world_size=2)
+        resolve_ds_config(ds, tiny().replace(micro_batch_size=8), world_size=2)
 
 
 def test_explicit_values_that_agree_are_kept():
     ds = dict(BUILTIN_DS_CONFIG, train_batch_size=16, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1)
-    out = resolve_ds_config(ds, tiny(), world_size=2)
+    out = resolve_ds_config(ds, tiny().replace(micro_batch_size=8), world_size=2)
     assert out["train_batch_size"] == 16
 
 
@@ -118,15 +118,16 @@ def test_leftover_auto_refused():
 def test_zero3_with_deepspeed_backend_names_the_alternative():
     ds = load_ds_config(os.path.join(DS_CONFIG_DIR, "zero3.json"))
     with pytest.raises(ValueError, match="moe_backend=deepspeed cannot run under ZeRO stage 3.*use moe_backend=torch"):
-        resolve_ds_config(ds, tiny().replace(moe_backend="deepspeed"), world_size=2)
+        resolve_ds_config(ds, tiny().replace(moe_backend="deepspeed", balance_bias_rate=0.0), world_size=2)
 
 
 def test_ep_size_must_divide_experts_and_world():
     with pytest.raises(ValueError, match="ep_size=2 is invalid: must divide the world size 3"):
-        check_parallelism(tiny().replace(moe_backend="deepspeed", ep_size=2), world_size=3, stage=2)
-    # tiny has 4 experts: BluesConfig itself refuses ep_size=3
-    with pytest.raises(ValueError, match="ep_size=3 is invalid: must divide num_experts=4"):
-        tiny().replace(moe_backend="deepspeed", ep_size=3)
+        check_parallelism(tiny().replace(moe_backend="deepspeed", balance_bias_rate=0.0, ep_size=2), world_size=3,
+                          stage=2)
+    # tiny has 16 experts: BluesConfig itself refuses ep_size=3
+    with pytest.raises(ValueError, match="ep_size=3 is invalid: must divide num_experts=16"):
+        tiny().replace(moe_backend="deepspeed", balance_bias_rate=0.0, ep_size=3)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "deepspeed"])
@@ -137,7 +138,8 @@ def test_ep_size_2_runs_on_every_backend_and_stage(backend, name):
     ds = load_ds_config(os.path.join(DS_CONFIG_DIR, name))
     if backend == "deepspeed" and name == "zero3.json":
         return
-    cfg = tiny().replace(moe_backend=backend, ep_size=2, grad_clip=0.0 if name == "zero0.json" else 1.0)
+    cfg = tiny().replace(moe_backend=backend, ep_size=2, grad_clip=0.0 if name == "zero0.json" else 1.0,
+                         balance_bias_rate=0.0)  # DeepSpeed's gate has no selection bias
     check_parallelism(cfg, world_size=2, stage=zero_stage(ds), ds=ds)
 
 

@@ -165,7 +165,7 @@ def test_init_from_refuses_an_override_that_changes_a_shape(capsys, saved_folder
 @pytest.mark.parametrize("extra,message", [
     (["--resume", "somewhere"], "a resume continues its own run, --init_from starts a new one"),
     (["--preset", "tiny"], "--init_from takes the model from the folder"),
-    (["moe_backend=deepspeed"], "moe_backend='deepspeed' cannot start from --init_from"),
+    (["moe_backend=deepspeed", "balance_bias_rate=0"], "moe_backend='deepspeed' cannot start from --init_from"),
 ])
 def test_init_from_refuses_what_it_cannot_combine(capsys, saved_folder, tmp_path, extra, message):
     err = _cli_error(capsys, ["--init_from", saved_folder, f"out_dir={tmp_path / 'o'}", *extra])

@@ -50,7 +50,9 @@ R = {}
 
 
 def cfg(name, ep, steps, **kw):
-    base = dict(n_embd=64, block_size=32, micro_batch_size=4, router_noise_std=0.0, moe_backend="torch",
+    # 4 experts and no balancing bias unless a test asks: parity and resume compare exact routing
+    base = dict(n_embd=64, block_size=32, micro_batch_size=4, num_experts=4, balance_bias_rate=0.0,
+                router_noise_std=0.0, moe_backend="torch",
                 ep_size=ep, data_dir=data, out_dir=os.path.join(out, name), warmup_steps=5, max_steps=steps,
                 lr_decay_steps=steps, keep_last=5)
     base.update(kw)
