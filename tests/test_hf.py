@@ -368,7 +368,9 @@ print(json.dumps({"growth": status("VmHWM") - before, "meta_import": before - st
 
 
 def test_bf16_import_peak_memory_is_near_one_bf16_copy(tmp_path):
-    model = tiny_mixtral(vocab_size=2000, hidden_size=256, intermediate_size=512, num_local_experts=8,
+    # ~150 MiB in fp32: large enough that the import's fixed costs (allocator arenas, first-use kernels: 10-20 MiB
+    # measured) do not decide the comparison (at 42 MiB a CI run measured 39 MiB of growth).
+    model = tiny_mixtral(vocab_size=2000, hidden_size=256, intermediate_size=2048, num_local_experts=8,
                          num_hidden_layers=3, num_attention_heads=8, initializer_range=0.02)
     model.save_pretrained(tmp_path / "hf")
     fp32 = sum(p.numel() * 4 for p in model.parameters())
@@ -380,7 +382,7 @@ def test_bf16_import_peak_memory_is_near_one_bf16_copy(tmp_path):
     print(f"fp32 size {fp32 / 2**20:.1f} MiB, bf16 copy {got['bf16'] / 2**20:.1f} MiB, "
           f"peak RSS growth {got['growth'] / 2**20:.1f} MiB (after torch's meta kernels, "
           f"{got['meta_import'] / 2**20:.0f} MiB once per process)")
-    assert fp32 > 40 * 2**20
+    assert fp32 > 120 * 2**20
     # One bf16 copy is half the fp32 size; an import that went through fp32 (or kept the whole
     # file's pages mapped) would need at least the fp32 size. 0.75 leaves a quarter for the one
     # tensor being read and the allocator.

@@ -128,11 +128,14 @@ out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
 dist = T.init_distributed()
 rec = {}
 for ep in (1, 2):
-    cfg = tiny().replace(n_embd=64, n_head=2, block_size=32, expert_ffn_size=64, micro_batch_size=4, ep_size=ep,
-                         moe_backend="torch", balance_bias_rate=0.05, aux_loss_coef=0.0, out_dir=out, warmup_steps=0)
+    # 2 ranks x 3 x 33 tokens x top-2 = 396 assignments a layer over 8 experts: a mean of 49.5 that no count
+    # equals, so each of the 5 updates is +-gamma and no entry of the bias can come back to 0
+    cfg = tiny().replace(n_embd=64, n_head=2, block_size=33, num_experts=8, expert_ffn_size=64, micro_batch_size=3,
+                         ep_size=ep, moe_backend="torch", balance_bias_rate=0.05, aux_loss_coef=0.0, out_dir=out,
+                         warmup_steps=0)
     run = T.build_engine(cfg, BUILTIN_DS_CONFIG, dist=dist, with_data=False)  # random tokens, other on each rank
-    res = T.train_steps(run, 4)
-    want = torch.zeros(2, 4)
+    res = T.train_steps(run, 5)
+    want = torch.zeros(2, 8)
     for r in res:  # the rule on the counts every rank reports
         want = next_bias(want, r.expert_selected, 0.05)
     bias = get_bias(run.model)
@@ -148,8 +151,8 @@ json.dump(rec, open(os.path.join(out, f"rank{dist.rank}.json"), "w"))
 @pytest.mark.slow
 def test_every_rank_holds_the_same_bias(tmp_path):
     """2 ranks on the real launcher, each on its own random tokens (their own counts), at ep_size 1 and
-    2: after 4 steps both ranks' biases are bit-identical and equal the rule applied to the all-reduced
-    counts, which hold both ranks' assignments (2 ranks x 128 tokens x top-2 per layer)."""
+    2: after 5 steps both ranks' biases are bit-identical and equal the rule applied to the all-reduced
+    counts, which hold both ranks' assignments (2 ranks x 99 tokens x top-2 per layer)."""
     from blues.common import free_port
     deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
     (tmp_path / "ranks.py").write_text(RANKS)
@@ -162,9 +165,9 @@ def test_every_rank_holds_the_same_bias(tmp_path):
     for ep in ("1", "2"):
         for rec in recs:
             assert rec[ep]["same"] and rec[ep]["rule"]
-            assert rec[ep]["totals"] == [[2 * 128 * 2] * 2] * 4
+            assert rec[ep]["totals"] == [[2 * 99 * 2] * 2] * 5
         assert recs[0][ep]["bias"] == recs[1][ep]["bias"]
-        assert any(v != 0 for row in recs[0][ep]["bias"] for v in row)
+        assert all(v != 0 for row in recs[0][ep]["bias"] for v in row)
 
 
 # ----------------------------------------------------------------------------- exact resume
@@ -190,14 +193,16 @@ def test_bias_resumes_exactly(tmp_path):
     """blues-train (one process, ZeRO 2): 10 steps with checkpoints at 5 and 10; then a second run resumed
     from the step-5 checkpoint. Steps 6-10 give the same losses bit for bit, and the step-10 bias is
     bit-identical; the exported model holds that bias. Saved after 5 (an odd number of) updates of
-    +-gamma, every entry of the step-5 bias is an odd multiple of gamma = 0.05, never 0 (barring an
-    exact tie), so a bias lost on resume shows in the step-10 bias, and in the losses (checked by hand:
-    with the restore removed, the resumed losses differ)."""
+    +-gamma (no tie is possible at these counts, see args), every entry of the step-5 bias is an odd
+    multiple of gamma = 0.05, never 0, so a bias lost on resume shows in the step-10 bias, and in the
+    losses (checked by hand: with the restore removed, the resumed losses differ)."""
     from safetensors.torch import load_file
 
     from blues.data.prepare import prepare
     prepare(str(tmp_path / "data"), progress=False)
-    args = [f"{k}={v}" for k, v in SMALL.items()] + [
+    # 3 sequences of 33 tokens: 198 assignments a step over 4 experts, a mean of 49.5 that no integer count
+    # equals, so every update is +-gamma (no tie gives 0) and 5 of them can never sum to 0
+    args = [f"{k}={v}" for k, v in {**SMALL, "micro_batch_size": 3, "block_size": 33}.items()] + [
         "balance_bias_rate=0.05", "aux_loss_coef=0", "max_steps=10", "save_interval=5", "eval_interval=100",
         "warmup_steps=2", f"data_dir={tmp_path / 'data'}"]
     ref = tmp_path / "ref"

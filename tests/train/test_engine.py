@@ -22,7 +22,8 @@ for path in sorted(glob.glob(os.path.join(sys.argv[3], "*.json"))):
     for dtype in ("fp32", "bf16"):
         cfg = tiny().replace(n_embd=32, n_head=2, block_size=16, micro_batch_size=2, expert_ffn_size=64, dtype=dtype,
                              data_dir=data, out_dir=os.path.join(out, os.path.basename(path), dtype), lr=1e-2,
-                             warmup_steps=0, grad_accum=2)
+                             warmup_steps=0, grad_accum=2, num_experts=4, routed_scaling_factor=1.0,
+                             balance_bias_rate=0.0)  # the setting this test was written at (3 steps must cut the loss)
         run = T.build_engine(cfg, load_ds_config(path), dist=dist)
         res = T.train_steps(run, 3)
         T.save_checkpoint(run)
