@@ -195,8 +195,11 @@ def blues_config(shape: str, impl: str, out_dir: str):
     if impl == "dense_floor":  # every layer dense, with the experts' active hidden size
         s.update(num_dense_layers=s.get("n_layer", get_preset("tiny").model.n_layer),
                  dense_ffn_size=s["top_k"] * s["expert_ffn_size"])
+    # No selection bias (DeepSpeed's gate has none; the routing is forced anyway) and no routed scale: the same
+    # model on every engine, whatever the tiny preset's tuning.
     return get_preset("tiny").replace(**s, moe_backend=backend, ep_size=ep, router_noise_std=0.0,
-                                      capacity_factor=None, warmup_steps=0, max_steps=10 ** 6, out_dir=out_dir)
+                                      capacity_factor=None, warmup_steps=0, max_steps=10 ** 6, out_dir=out_dir,
+                                      balance_bias_rate=0.0, routed_scaling_factor=1.0)
 
 
 def fixed_batch(cfg, rank: int):
