@@ -32,7 +32,7 @@ pytestmark = pytest.mark.distributed
 TOL = 1e-5
 
 WORKER = r'''
-import json, os, sys
+import contextlib, json, os, sys
 import torch
 
 CASES = {
@@ -137,15 +137,10 @@ def exchange(rank, g):
     return out
 
 
-def host_reads(rank, g):
-    """Host reads (Tensor.item/tolist/cpu/numpy/__bool__/__int__/__index__/__float__) in one forward of
-    the EP layer on the Triton ops (under the CPU interpreter)."""
-    from blues.moe import MoE
-    torch.manual_seed(0)
-    layer = MoE(layer_cfg(2, 2, backend="triton"))
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(1, 16, 24)
+@contextlib.contextmanager
+def spy_host_reads():
+    """Yields the list of host reads (Tensor.item/tolist/cpu/numpy/__bool__/__int__/__index__/__float__)
+    made inside the block, in order."""
     seen = []
     names = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__index__", "__float__")
     saved = {n: getattr(torch.Tensor, n) for n in names}
@@ -157,10 +152,23 @@ def host_reads(rank, g):
     for n in names:
         setattr(torch.Tensor, n, spy(n))
     try:
-        layer(x)
+        yield seen
     finally:
         for n in names:
             setattr(torch.Tensor, n, saved[n])
+
+
+def host_reads(rank, g):
+    """Host reads (Tensor.item/tolist/cpu/numpy/__bool__/__int__/__index__/__float__) in one forward of
+    the EP layer on the Triton ops (under the CPU interpreter)."""
+    from blues.moe import MoE
+    torch.manual_seed(0)
+    layer = MoE(layer_cfg(2, 2, backend="triton"))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(1, 16, 24)
+    with spy_host_reads() as seen:
+        layer(x)
     return seen
 
 
@@ -175,30 +183,17 @@ def checkpointed(rank, g):
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x0 = torch.randn(1, 16, 24)
-    names = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__index__", "__float__")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
     out = {}
     for mode in ("plain", "checkpointed"):
         layer.zero_grad()
         x = x0.clone().requires_grad_()
-        seen = []
-        def spy(n):
-            def f(self, *a, **k):
-                seen.append(n)
-                return saved[n](self, *a, **k)
-            return f
-        for n in names:
-            setattr(torch.Tensor, n, spy(n))
-        try:
+        with spy_host_reads() as seen:
             if mode == "plain":
                 y = layer(x).out
             else:
                 y = checkpoint(lambda t: layer(t).out, x, use_reentrant=False,
                                context_fn=lambda: checkpoint_contexts(layer))
             (y * torch.arange(24.0)).sum().backward()
-        finally:
-            for n in names:
-                setattr(torch.Tensor, n, saved[n])
         out[mode] = {"reads": seen, "grads": [x.grad.flatten().tolist()] + [p.grad.flatten().tolist()
                                                                           for p in layer.parameters()]}
     return out
