@@ -140,6 +140,9 @@ class MoEConfig:
     """gamma of DeepSeek-V3's auxiliary-loss-free balancing; 0 = off. After each applied optimizer
     step every MoE layer's selection bias moves by gamma * sign(mean_count - count) per expert; the
     bias changes which experts are selected, never their weights (blues.train.balance)."""
+    revive_dead_experts_after: int = 0
+    """Re-initialise an expert that no token chose for this many consecutive optimizer steps from a
+    live expert of its layer (plus noise), resetting its optimizer state; 0 = off (blues.train.revival)."""
 
     dense_layers: Optional[list[int]] = None
     """Indices of layers with a dense SwiGLU MLP, besides those num_dense_layers and moe_layer_freq
@@ -169,6 +172,9 @@ class MoEConfig:
         _require(isinstance(self.routed_scaling_factor, (int, float)) and self.routed_scaling_factor > 0,
                  "routed_scaling_factor", self.routed_scaling_factor, "expected a number > 0 (1 = unscaled)")
         _non_negative("balance_bias_rate", self.balance_bias_rate)
+        _require(isinstance(self.revive_dead_experts_after, int) and not isinstance(
+            self.revive_dead_experts_after, bool) and self.revive_dead_experts_after >= 0,
+            "revive_dead_experts_after", self.revive_dead_experts_after, "expected an integer >= 0 (0 = off)")
         if self.dense_layers is not None:
             _require(isinstance(self.dense_layers, (list, tuple)) and all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.dense_layers)
@@ -178,6 +184,9 @@ class MoEConfig:
         _require(self.balance_bias_rate == 0 or self.moe_backend != "deepspeed", "balance_bias_rate",
                  self.balance_bias_rate, "needs moe_backend=auto|torch|triton (DeepSpeed's gate has no selection "
                  "bias): set moe_backend=torch or balance_bias_rate=0")
+        _require(self.revive_dead_experts_after == 0 or self.moe_backend != "deepspeed", "revive_dead_experts_after",
+                 self.revive_dead_experts_after, "needs moe_backend=auto|torch|triton (DeepSpeed's experts are not "
+                 "stacked tensors): set moe_backend=torch or revive_dead_experts_after=0")
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Most assignments one expert computes for a batch of `num_tokens` tokens, or None (no drop).
