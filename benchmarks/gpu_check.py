@@ -72,7 +72,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from blues.config import BluesConfig, ModelConfig, MoEConfig  # noqa: E402
-from blues.kernels import moe_grouped_gemm as gg  # noqa: E402
+from blues.kernels import moe_grouped_down_combine as down  # noqa: E402
+from blues.kernels import moe_grouped_swiglu as swiglu  # noqa: E402
 from blues.kernels import moe_permute as perm  # noqa: E402
 from blues.kernels import moe_route as route  # noqa: E402
 
@@ -217,8 +218,8 @@ def run_layer_ops(inp: dict, triton: bool, upcast: bool = False) -> dict:
     K, E = inp["K"], wg.shape[0]
     r = op(route, "moe_route")(logits, K)
     idx = op(perm, "moe_permute_indices")(r.topk_ids, E)
-    h = op(gg, "moe_grouped_swiglu")(x, idx.expert_offsets, wg, wu, idx.sorted_slots, K)  # (S, F)
-    out = op(gg, "moe_grouped_down_combine")(h, idx.expert_offsets, wd, idx.inverse, r.topk_weights)  # (T, D)
+    h = op(swiglu, "moe_grouped_swiglu")(x, idx.expert_offsets, wg, wu, idx.sorted_slots, K)  # (S, F)
+    out = op(down, "moe_grouped_down_combine")(h, idx.expert_offsets, wd, idx.inverse, r.topk_weights)  # (T, D)
     loss = ((out.float() * inp["dy"].float()).sum() + route.load_balancing_loss(r.counts, r.prob_sum, x.shape[0], K)
             + route.z_loss(r.lse))
     loss.backward()
@@ -389,7 +390,7 @@ def step_int64_index(c: Check) -> None:
         xs = x[:, :64].contiguous()  # (T, 64)
         wg = torch.randn(E, 64, Fh, device="cuda", dtype=torch.bfloat16, generator=gen) / 8
         wu = torch.randn(E, 64, Fh, device="cuda", dtype=torch.bfloat16, generator=gen) / 8
-        h = gg.moe_grouped_swiglu(xs, idx.expert_offsets, wg, wu, idx.sorted_slots, K)  # (S, F), 2^31 + 2048
+        h = swiglu.moe_grouped_swiglu(xs, idx.expert_offsets, wg, wu, idx.sorted_slots, K)  # (S, F), 2^31 + 2048
         e = torch.searchsorted(idx.expert_offsets, sample, right=True) - 1  # expert of each sampled row
         xr = xs[tok].float().unsqueeze(1)  # (n, 1, 64)
         want = (F.silu(torch.bmm(xr, wg[e].float())) * torch.bmm(xr, wu[e].float())).squeeze(1)

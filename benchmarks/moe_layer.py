@@ -71,7 +71,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, write_rows  # noqa: E402
 
+from blues.kernels import moe_grouped_down_combine as down  # noqa: E402
 from blues.kernels import moe_grouped_gemm as gg  # noqa: E402
+from blues.kernels import moe_grouped_swiglu as swiglu  # noqa: E402
 from blues.kernels import moe_permute as perm  # noqa: E402
 from blues.kernels import moe_route as route  # noqa: E402
 from blues.kernels.triton_utils import interpret_mode  # noqa: E402
@@ -195,8 +197,8 @@ class _Ops:
         self.permute = getattr(perm, "moe_permute" + sfx)
         self.unpermute_combine = getattr(perm, "moe_unpermute_combine" + sfx)
         self.grouped_gemm = getattr(gg, "moe_grouped_gemm" + sfx)
-        self.grouped_swiglu = getattr(gg, "moe_grouped_swiglu" + sfx)
-        self.grouped_down_combine = getattr(gg, "moe_grouped_down_combine" + sfx)
+        self.grouped_swiglu = getattr(swiglu, "moe_grouped_swiglu" + sfx)
+        self.grouped_down_combine = getattr(down, "moe_grouped_down_combine" + sfx)
 
 
 class BluesImpl(Impl):

@@ -1,7 +1,7 @@
-"""moe_grouped_gemm: one matmul per expert over its contiguous block of permuted rows.
+"""moe_grouped_gemm: one matmul per expert over its contiguous block of permuted rows, and the
+grouped-GEMM machinery that moe_grouped_swiglu and moe_grouped_down_combine are built from.
 
-Shapes: N rows in expert order, E experts, D_in / D_out widths; for the SwiGLU op D model width,
-F expert hidden width, T tokens, K top-k, S = T*K.
+Shapes: N rows in expert order, E experts, D_in / D_out widths.
 
 Contract of moe_grouped_gemm (reference `moe_grouped_gemm_ref`, the specification):
     x               (N, D_in)
@@ -10,45 +10,22 @@ Contract of moe_grouped_gemm (reference `moe_grouped_gemm_ref`, the specificatio
   returns (N, D_out): rows of expert e are x_rows @ w[e]; rows at or past expert_offsets[E]
   (dropped assignments) are zero. Gradients flow to x and w.
 
-Contract of moe_grouped_swiglu (reference `moe_grouped_swiglu_ref`): the experts' gate and up
-projections and the SwiGLU between them, in one op.
-    x               (N, D), or (T, D) token rows when sorted_slots is given
-    expert_offsets  (E+1,) int64   as above
-    w_gate, w_up    (E, D, F), x's dtype
-    sorted_slots    (S,) int64, optional: from moe_permute_indices; row p of the input is then
-                    x[sorted_slots[p] // top_k] (moe_permute fused into the loads), and N = S
-  returns h (N, F) = silu(x_rows @ w_gate[e]) * (x_rows @ w_up[e]); rows at or past
-  expert_offsets[E] are zero. Gradients flow to x, w_gate and w_up.
-
-Contract of moe_grouped_down_combine (reference `moe_grouped_down_combine_ref`): the experts' down
-projection and the weighted combine, in one op.
-    h               (S, F) rows in expert order (moe_grouped_swiglu's output, after any dropout)
-    expert_offsets  (E+1,) int64   as above
-    w_down          (E, F, D), h's dtype
-    inverse, topk_weights          as for moe_unpermute_combine: (S,) int64, (T, K) float
-  returns (T, D) in h's dtype: out[t] = sum_k topk_weights[t, k] * (h[p] @ w_down[e_p]) with
-  p = inverse[t*K + k], summed in fp32; by definition moe_unpermute_combine(moe_grouped_gemm(h,
-  expert_offsets, w_down), inverse, topk_weights). Gradients flow to h, w_down and topk_weights.
-
 The Triton kernels need no host synchronisation: each program finds its (expert, row tile) from
 expert_offsets on the device; the grid is sized from an upper bound on the number of row tiles
 (cdiv(N, BLOCK_M) + min(E, N-1), see _row_tiles), and programs past the real count do nothing.
+
+Tile order (issue 11, part 3): one program per (row tile, column block), numbered GROUP_M row tiles
+at a time with the column blocks inside (_swizzle, Triton's matmul tutorial's grouped ordering), so
+the programs in flight together share GROUP_M gathered row tiles and one expert's weight columns:
+both are read from HBM about once and then from L2. Row tiles fastest, as before, streamed the
+gathered rows once per column block (~128 FLOP/byte at the S2 shape, under the H100's ridge of ~295).
+The weight-gradient grid is expert-major for the same reason: the programs of one expert, which read
+the same rows, run together.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.nn.functional as F
 
-from .moe_permute import (
-    _combine,
-    _gather_sum,
-    _inverse_of,
-    _inverse_ref,
-    moe_unpermute_combine,
-    moe_unpermute_combine_ref,
-)
 from .triton_utils import check_triton_inputs, interpret_mode, next_pow2, runnable, tl, triton
 
 
@@ -74,8 +51,8 @@ def _check_gemm_args(op: str, x: torch.Tensor, expert_offsets: torch.Tensor, *ws
 # from the one-line definitions in the docstrings: the same products, without the copies autograd
 # adds (a torch.cat of the expert outputs and, in the backward, a cat of the input gradients and a
 # stack of the weight gradients: 19% of the layer's CPU time at T=4096, D=512, F=1024, E=8, K=2).
-# tests/test_moe_grouped_gemm.py checks both backwards with torch.autograd.gradcheck against the
-# one-line definitions.
+# tests/kernels/test_moe_grouped_gemm.py checks both backwards with torch.autograd.gradcheck against
+# the one-line definitions.
 # NOTE: the loop bounds need expert_offsets on the host (one .tolist()); the Triton path has none.
 # ----------------------------------------------------------------------------------------------
 
@@ -149,161 +126,14 @@ def _expert_groups(blocks, width: int, elem_bytes: int):
     return groups
 
 
-class _GroupedSwiGLURef(torch.autograd.Function):
-    """Group of experts by group of experts (_expert_groups), so that the gathered rows, silu(g) and
-    the SwiGLU gradients are cache-sized temporaries (see moe_permute.py on why large fresh tensors
-    are what costs on CPU): the forward allocates g, u (kept for the backward) and h; the backward
-    dx, dw_gate, dw_up."""
-
-    @staticmethod
-    def forward(ctx, x, expert_offsets, w_gate, w_up, sorted_slots, top_k):
-        blocks, dropped = _expert_rows(expert_offsets)
-        token_of_row = None if sorted_slots is None else torch.div(sorted_slots, top_k, rounding_mode="floor")
-        N, Fh = (x.shape[0] if sorted_slots is None else sorted_slots.numel()), w_gate.shape[2]
-        g, u, h = x.new_empty(N, Fh), x.new_empty(N, Fh), x.new_empty(N, Fh)
-        groups = _expert_groups(blocks, max(x.shape[1], Fh), x.element_size())
-        for a, b, members in groups:
-            xg = x[a:b] if token_of_row is None else x.index_select(0, token_of_row[a:b])  # (rows, D)
-            for e, ea, eb in members:
-                torch.mm(xg[ea - a:eb - a], w_gate[e], out=g[ea:eb])
-                torch.mm(xg[ea - a:eb - a], w_up[e], out=u[ea:eb])
-            torch.mul(F.silu(g[a:b]), u[a:b], out=h[a:b])
-        for t in (g, u, h):
-            t[dropped:].zero_()
-        ctx.save_for_backward(x, w_gate, w_up, g, u, sorted_slots, token_of_row)
-        ctx.blocks, ctx.groups, ctx.dropped, ctx.top_k = blocks, groups, dropped, top_k
-        return h
-
-    @staticmethod
-    def backward(ctx, dh):
-        x, w_gate, w_up, g, u, sorted_slots, token_of_row = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        gathered = token_of_row is not None
-        # On CPU a gathered row's gradient is added straight to its token (index_add_ is serial
-        # there); elsewhere it is atomic, so rows go to a buffer that _gather_sum reduces.
-        add_to_tokens = gathered and x.device.type == "cpu"
-        dx = dx_rows = dwg = dwu = None
-        if need_dx:
-            if add_to_tokens:
-                dx = torch.zeros_like(x)
-            else:
-                dx_rows = x.new_empty(g.shape[0], x.shape[1])  # (N, D)
-                dx_rows[ctx.dropped:].zero_()  # dropped rows: no expert, no gradient
-        if need_dw:
-            dwg, dwu = _empty_except_zero_experts(w_gate, ctx.blocks), _empty_except_zero_experts(w_up, ctx.blocks)
-        for a, b, members in ctx.groups:
-            ge, dhe = g[a:b], dh[a:b]
-            dg = torch.ops.aten.silu_backward(dhe * u[a:b], ge)  # dL/dg = dh * u * silu'(g)
-            du = F.silu(ge).mul_(dhe)  # dL/du = dh * silu(g)
-            if need_dx:
-                dxg = x.new_empty(b - a, x.shape[1]) if add_to_tokens else dx_rows[a:b]
-                for e, ea, eb in members:
-                    r = slice(ea - a, eb - a)
-                    torch.mm(dg[r], w_gate[e].t(), out=dxg[r])
-                    dxg[r].addmm_(du[r], w_up[e].t())
-                if add_to_tokens:
-                    dx.index_add_(0, token_of_row[a:b], dxg)
-            if need_dw:
-                xg = x[a:b] if not gathered else x.index_select(0, token_of_row[a:b])
-                for e, ea, eb in members:
-                    r = slice(ea - a, eb - a)
-                    torch.mm(xg[r].t(), dg[r], out=dwg[e])
-                    torch.mm(xg[r].t(), du[r], out=dwu[e])
-        if need_dx and not add_to_tokens:
-            dx = dx_rows if not gathered else _gather_sum(dx_rows, _inverse_ref(sorted_slots), x.shape[0], ctx.top_k)
-        return dx, None, dwg, dwu, None, None
-
-
-def moe_grouped_swiglu_ref(x: torch.Tensor, expert_offsets: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                           sorted_slots: Optional[torch.Tensor] = None, top_k: int = 1) -> torch.Tensor:
-    """h = silu(x_rows @ w_gate[e]) * (x_rows @ w_up[e]), x_rows = x[sorted_slots // top_k] when given.
-    Written by autograd it would be: F.silu(moe_grouped_gemm_ref(xp, offsets, w_gate)) *
-    moe_grouped_gemm_ref(xp, offsets, w_up) with xp = moe_permute_ref(x, sorted_slots, top_k)."""
-    _check_gemm_args("moe_grouped_swiglu_ref", x, expert_offsets, w_gate, w_up)
-    return _GroupedSwiGLURef.apply(x, expert_offsets, w_gate, w_up, sorted_slots, int(top_k))
-
-
-class _GroupedDownCombineRef(torch.autograd.Function):
-    """On CPU, group of experts by group of experts: y = h @ w_down[e] is a cache-sized temporary,
-    scaled by the routing weights and added to its tokens, so the (S, D) expert output is never
-    stored. The routing weights' gradient <g[t], y[p]> is taken as <g[t] @ w_down[e]^T, h[p]>, which
-    the backward computes anyway (dL/dh[p] = w_p * g[t] @ w_down[e]^T), so y is not recomputed."""
-
-    @staticmethod
-    def forward(ctx, h, expert_offsets, w_down, inverse, topk_weights):
-        T, K = topk_weights.shape
-        D = w_down.shape[2]
-        acc = torch.promote_types(h.dtype, torch.float32)
-        w = topk_weights.to(acc)
-        blocks, dropped = _expert_rows(expert_offsets)
-        groups = _expert_groups(blocks, max(D, h.shape[1]), torch.finfo(acc).bits // 8)
-        sorted_slots = _inverse_ref(inverse)
-        token_of_row = torch.div(sorted_slots, K, rounding_mode="floor")  # (S,)
-        w_of_row = w.reshape(-1)[sorted_slots]  # (S,)
-        out = torch.zeros(T, D, dtype=acc, device=h.device)
-        for a, b, members in groups:
-            yg = torch.empty(b - a, D, dtype=acc, device=h.device)
-            for e, ea, eb in members:
-                if acc == h.dtype:
-                    torch.mm(h[ea:eb], w_down[e], out=yg[ea - a:eb - a])
-                else:
-                    yg[ea - a:eb - a] = torch.mm(h[ea:eb], w_down[e])
-            out.index_add_(0, token_of_row[a:b], yg.mul_(w_of_row[a:b, None]))
-        ctx.save_for_backward(h, w_down, inverse, token_of_row, w_of_row)
-        ctx.blocks, ctx.groups, ctx.dropped, ctx.w_dtype, ctx.TK = blocks, groups, dropped, topk_weights.dtype, (T, K)
-        return out.to(h.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        h, w_down, inverse, token_of_row, w_of_row = ctx.saved_tensors
-        T, K = ctx.TK
-        need_dh, need_dwd, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[4]
-        acc = w_of_row.dtype
-        g = g.to(acc)
-        dh = h.new_empty(h.shape) if need_dh else None
-        if need_dh:
-            dh[ctx.dropped:].zero_()
-        dwd = _empty_except_zero_experts(w_down, ctx.blocks) if need_dwd else None
-        dw_of_row = torch.zeros_like(w_of_row) if need_dw else None  # dropped rows: weight 0, gradient 0
-        for a, b, members in ctx.groups:
-            gg = g.index_select(0, token_of_row[a:b])  # (rows, D) each row's token's gradient
-            gh = gg.to(h.dtype)
-            if need_dh or need_dw:
-                dz = h.new_empty(b - a, h.shape[1])  # (rows, F) = g[t] @ w_down[e]^T
-                for e, ea, eb in members:
-                    torch.mm(gh[ea - a:eb - a], w_down[e].t(), out=dz[ea - a:eb - a])
-                if need_dw:  # dL/dw_p = <g[t], h[p] @ w_down[e]> = <dz_p, h[p]>
-                    dw_of_row[a:b] = torch.bmm(dz.to(acc).unsqueeze(1), h[a:b].to(acc).unsqueeze(2)).view(-1)
-                if need_dh:
-                    torch.mul(dz, w_of_row[a:b, None], out=dh[a:b])
-            if need_dwd:  # dL/dw_down[e] = h_e^T (w * g)_e
-                wg_rows = gg.mul_(w_of_row[a:b, None]).to(h.dtype)
-                for e, ea, eb in members:
-                    torch.mm(h[ea:eb].t(), wg_rows[ea - a:eb - a], out=dwd[e])
-        dw = dw_of_row[inverse].view(T, K).to(ctx.w_dtype) if need_dw else None
-        return dh, None, dwd, None, dw
-
-
-def moe_grouped_down_combine_ref(h: torch.Tensor, expert_offsets: torch.Tensor, w_down: torch.Tensor,
-                                 inverse: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum_k topk_weights[t, k] * (h[p] @ w_down[e_p]) with p = inverse[t*K + k]: the experts'
-    down projection and the weighted combine in one op. By definition:
-    moe_unpermute_combine_ref(moe_grouped_gemm_ref(h, expert_offsets, w_down), inverse, topk_weights),
-    which is what runs off the CPU."""
-    _check_gemm_args("moe_grouped_down_combine_ref", h, expert_offsets, w_down)
-    if h.device.type != "cpu":
-        return moe_unpermute_combine_ref(moe_grouped_gemm_ref(h, expert_offsets, w_down), inverse, topk_weights)
-    return _GroupedDownCombineRef.apply(h, expert_offsets, w_down, inverse, topk_weights)
-
-
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
 def _moe_row_tile(offsets_ptr, N, E, pid, BLOCK_M: tl.constexpr, BLOCK_SEG: tl.constexpr):
-    """Program pid's row tile: (segment, first row, end of the segment's rows). Segments 0..E-1 are
-    the experts, segment E the dropped rows [expert_offsets[E], N); segment > E means idle."""
+    """Row tile pid: (segment, first row, end of the segment's rows). Segments 0..E-1 are the
+    experts, segment E the dropped rows [expert_offsets[E], N); segment > E means idle."""
     segs = tl.arange(0, BLOCK_SEG)
     starts = tl.load(offsets_ptr + segs, mask=segs <= E, other=0).to(tl.int32)
     ends = tl.load(offsets_ptr + segs + 1, mask=segs < E, other=N).to(tl.int32)
@@ -318,23 +148,57 @@ def _moe_row_tile(offsets_ptr, N, E, pid, BLOCK_M: tl.constexpr, BLOCK_SEG: tl.c
     return seg, row0, row_end
 
 
-# Tensor contract of _moe_grouped_gemm_kernel. Program (i, j) owns row tile i (see _moe_row_tile)
-# and output columns [j*BLOCK_N, (j+1)*BLOCK_N).
+@triton.jit
+def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(m, n) of program pid in a num_m x num_n grid walked GROUP_M rows at a time, the columns
+    inside each group (the last group may be shorter): a bijection of [0, num_m * num_n)."""
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    m = first_m + (pid % in_group) % size_m
+    n = (pid % in_group) // size_m
+    return m, n
+
+
+@triton.jit
+def _dot_loop(acc, a_ptrs, b_ptrs, rmask, cmask, K, stride_ak, stride_bk,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += A (BLOCK_M, K) @ B (K, BLOCK_N) in BLOCK_K steps: loads and one dot per step, nothing
+    else in the loop, so the compiler can keep several MMAs in flight (software pipelining)."""
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + ks) < K
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+# Tensor contract of _moe_grouped_gemm_kernel. Program pid owns row tile m and output columns
+# [n*BLOCK_N, (n+1)*BLOCK_N), (m, n) = _swizzle(pid, num_tiles, cdiv(N_OUT, BLOCK_N), GROUP_M).
 #   a        rows of A, strides (stride_am, stride_ak); row r reads A[gather[r] // gather_div] when
 #            GATHER, else A[r]
 #   b        (E, K, N_OUT) strides (stride_be, stride_bk, stride_bn): any layout, so the backward
 #            passes w transposed without a copy
-#   c        (N, N_OUT) row stride stride_cm, written: expert rows A_rows @ b[e], dropped rows zero
+#   a2, b2   when DUAL, a second pair with a's and b's strides, added to the same accumulator:
+#            C = A @ b[e] + A2 @ b2[e] (the SwiGLU input gradient dg @ w_gate^T + du @ w_up^T)
+#   c        (N, N_OUT) row stride stride_cm, written: expert rows as above, dropped rows zero
 @triton.jit
-def _moe_grouped_gemm_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, offsets_ptr,
-                             N, K, N_OUT, E, gather_div,
+def _moe_grouped_gemm_kernel(a_ptr, a2_ptr, gather_ptr, b_ptr, b2_ptr, c_ptr, offsets_ptr,
+                             N, K, N_OUT, E, gather_div, num_tiles,
                              stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm,
-                             GATHER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                             GATHER: tl.constexpr, DUAL: tl.constexpr, PRECISION: tl.constexpr,
+                             UPCAST: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr):
-    seg, row0, row_end = _moe_row_tile(offsets_ptr, N, E, tl.program_id(0), BLOCK_M, BLOCK_SEG)
+    tile, col = _swizzle(tl.program_id(0), num_tiles, tl.cdiv(N_OUT, BLOCK_N), GROUP_M)
+    seg, row0, row_end = _moe_row_tile(offsets_ptr, N, E, tile, BLOCK_M, BLOCK_SEG)
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N_OUT
     c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :]
     if seg < E:
@@ -343,110 +207,46 @@ def _moe_grouped_gemm_kernel(a_ptr, gather_ptr, b_ptr, c_ptr, offsets_ptr,
         else:
             src = rows.to(tl.int64)
         ks = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
-        b_ptrs = b_ptr + seg.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        a_offs = src[:, None] * stride_am + ks[None, :] * stride_ak
+        b_offs = seg.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kmask = (k0 + ks) < K
-            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+        acc = _dot_loop(acc, a_ptr + a_offs, b_ptr + b_offs, rmask, cmask, K, stride_ak, stride_bk,
+                        PRECISION, UPCAST, BLOCK_K)
+        if DUAL:
+            acc = _dot_loop(acc, a2_ptr + a_offs, b2_ptr + b_offs, rmask, cmask, K, stride_ak, stride_bk,
+                            PRECISION, UPCAST, BLOCK_K)
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
     else:
         tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty),
                  mask=rmask[:, None] & cmask[None, :])
 
 
-# Tensor contract of _moe_grouped_swiglu_kernel (forward of the gate and up projections).
-#   x          rows, strides (stride_xm, stride_xk); gathered through sorted_slots // gather_div
-#              when GATHER, as in _moe_grouped_gemm_kernel
-#   w_gate     (E, D, F), w_up (E, D, F), strides (stride_we, stride_wk, stride_wn) shared
-#   g, u, h    (N, F) contiguous, x's dtype, written: g = x@w_gate[e], u = x@w_up[e] (kept for the
-#              backward), h = silu(g) * u computed from the fp32 accumulators; zero on dropped rows
-@triton.jit
-def _moe_grouped_swiglu_kernel(x_ptr, gather_ptr, wg_ptr, wu_ptr, g_ptr, u_ptr, h_ptr, offsets_ptr,
-                               N, D, F, E, gather_div,
-                               stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
-                               GATHER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                               BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr):
-    seg, row0, row_end = _moe_row_tile(offsets_ptr, N, E, tl.program_id(0), BLOCK_M, BLOCK_SEG)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    rmask = rows < row_end
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < F
-    mask = rmask[:, None] & cmask[None, :]
-    out_offs = rows[:, None].to(tl.int64) * F + cols[None, :]
-    if seg < E:
-        if GATHER:
-            src = tl.load(gather_ptr + rows, mask=rmask, other=0) // gather_div
-        else:
-            src = rows.to(tl.int64)
-        ks = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + src[:, None] * stride_xm + ks[None, :] * stride_xk
-        w_offs = seg.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kmask = (k0 + ks) < D
-            a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            bmask = kmask[:, None] & cmask[None, :]
-            bg = tl.load(wg_ptr + w_offs, mask=bmask, other=0.0)
-            bu = tl.load(wu_ptr + w_offs, mask=bmask, other=0.0)
-            if UPCAST:
-                a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-            acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
-            w_offs += BLOCK_K * stride_wk
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
-        tl.store(g_ptr + out_offs, acc_g.to(g_ptr.dtype.element_ty), mask=mask)
-        tl.store(u_ptr + out_offs, acc_u.to(u_ptr.dtype.element_ty), mask=mask)
-        tl.store(h_ptr + out_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
-    else:
-        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=h_ptr.dtype.element_ty)
-        tl.store(g_ptr + out_offs, zero, mask=mask)
-        tl.store(u_ptr + out_offs, zero, mask=mask)
-        tl.store(h_ptr + out_offs, zero, mask=mask)
-
-
-@triton.jit
-def _swiglu_grads(dh, g, u, out_dtype: tl.constexpr):
-    """(dL/dg, dL/du) of h = silu(g) * u, in fp32, cast to the GEMM operand dtype."""
-    g = g.to(tl.float32)
-    sg = tl.sigmoid(g)
-    dhf = dh.to(tl.float32)
-    dg = dhf * u.to(tl.float32) * sg * (1.0 + g * (1.0 - sg))
-    du = dhf * g * sg
-    return dg.to(out_dtype), du.to(out_dtype)
-
-
-# Tensor contract of _moe_grouped_gemm_dw_kernel (per-expert weight gradient). Program (e, i, j)
-# owns dw[e, i*BLOCK_M:, j*BLOCK_N:] and walks expert e's rows in chunks of BLOCK_R.
+# Tensor contract of _moe_grouped_gemm_dw_kernel (per-expert weight gradient). Program pid owns
+# expert e = pid // (num_k * num_n) and the tile (i, j) = _swizzle of the rest, i.e.
+# dw[e, i*BLOCK_M:, j*BLOCK_N:], and walks expert e's rows in chunks of BLOCK_R.
 #   a      rows, strides (stride_am, stride_ak), gathered as in _moe_grouped_gemm_kernel when GATHER
 #   dc     (N, N_OUT) row stride stride_dcm: gradient of the forward's output
-#   dw     (E, K, N_OUT) contiguous, written in full: a_rows^T @ dc_rows (zero for an expert with no row)
-# When SWIGLU, dc is dh and (g, u) are read too: the kernel writes dw = a^T dg and dw2 = a^T du.
+#   dw     (E, K, N1) contiguous: columns [0, N1) of a_rows^T @ dc_rows (zero for an expert with no row)
+#   dw2    when N1 < N_OUT, (E, K, N_OUT - N1) contiguous: the other columns. The SwiGLU op passes
+#          dc = [dg | du] (N, 2F) and N1 = F: one launch writes both weight gradients.
 @triton.jit
-def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, g_ptr, u_ptr, dw_ptr, dw2_ptr, offsets_ptr,
-                                K, N_OUT, gather_div,
+def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, dw_ptr, dw2_ptr, offsets_ptr,
+                                K, N_OUT, N1, gather_div,
                                 stride_am, stride_ak, stride_dcm,
-                                GATHER: tl.constexpr, SWIGLU: tl.constexpr, PRECISION: tl.constexpr,
-                                UPCAST: tl.constexpr,
+                                GATHER: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                                UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    e = tl.program_id(0)
-    kk = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    nn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    num_k, num_n = tl.cdiv(K, BLOCK_M), tl.cdiv(N_OUT, BLOCK_N)
+    pid = tl.program_id(0)
+    e = pid // (num_k * num_n)
+    kb, nb = _swizzle(pid % (num_k * num_n), num_k, num_n, GROUP_M)
+    kk = kb * BLOCK_M + tl.arange(0, BLOCK_M)
+    nn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     kmask = kk < K
     nmask = nn < N_OUT
     start = tl.load(offsets_ptr + e).to(tl.int32)
     end = tl.load(offsets_ptr + e + 1).to(tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rr = tl.arange(0, BLOCK_R)
     for r0 in range(start, end, BLOCK_R):
         rows = r0 + rr
@@ -457,68 +257,19 @@ def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, g_ptr, u_ptr, dw_ptr,
             src = rows.to(tl.int64)
         a = tl.load(a_ptr + src[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=rmask[:, None] & kmask[None, :], other=0.0)  # (BR, BM)
-        dmask = rmask[:, None] & nmask[None, :]
-        d_offs = rows[:, None].to(tl.int64) * stride_dcm + nn[None, :]
-        dc = tl.load(dc_ptr + d_offs, mask=dmask, other=0.0)  # (BR, BN)
+        dc = tl.load(dc_ptr + rows[:, None].to(tl.int64) * stride_dcm + nn[None, :],
+                     mask=rmask[:, None] & nmask[None, :], other=0.0)  # (BR, BN)
         if UPCAST:
             a, dc = a.to(tl.float32), dc.to(tl.float32)
-        if SWIGLU:
-            g = tl.load(g_ptr + d_offs, mask=dmask, other=0.0)
-            u = tl.load(u_ptr + d_offs, mask=dmask, other=0.0)
-            dg, du = _swiglu_grads(dc, g, u, a.dtype)
-            acc = tl.dot(tl.trans(a), dg, acc, input_precision=PRECISION)
-            acc2 = tl.dot(tl.trans(a), du, acc2, input_precision=PRECISION)
-        else:
-            acc = tl.dot(tl.trans(a), dc, acc, input_precision=PRECISION)
-    w_offs = e.to(tl.int64) * K * N_OUT + kk[:, None] * N_OUT + nn[None, :]
-    wmask = kmask[:, None] & nmask[None, :]
-    tl.store(dw_ptr + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=wmask)
-    if SWIGLU:
-        tl.store(dw2_ptr + w_offs, acc2.to(dw2_ptr.dtype.element_ty), mask=wmask)
-
-
-# Tensor contract of _moe_grouped_swiglu_bwd_dx_kernel (input gradient of the SwiGLU op, rows in
-# expert order). Program (i, j) owns row tile i and columns [j*BLOCK_N, (j+1)*BLOCK_N) of D.
-#   dh, g, u        (N, F) contiguous: gradient of h and the forward's saved projections
-#   w_gate, w_up    (E, D, F), strides (stride_we, stride_wd, stride_wf) shared
-#   dx              (N, D) contiguous, written: dg @ w_gate[e]^T + du @ w_up[e]^T, zero on dropped rows
-@triton.jit
-def _moe_grouped_swiglu_bwd_dx_kernel(dh_ptr, g_ptr, u_ptr, wg_ptr, wu_ptr, dx_ptr, offsets_ptr,
-                                      N, D, F, E, stride_we, stride_wd, stride_wf,
-                                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                                      BLOCK_N: tl.constexpr,
-                                      BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr):
-    seg, row0, row_end = _moe_row_tile(offsets_ptr, N, E, tl.program_id(0), BLOCK_M, BLOCK_SEG)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    rmask = rows < row_end
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < D
-    dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * D + cols[None, :]
-    if seg < E:
-        ks = tl.arange(0, BLOCK_K)
-        h_offs = rows[:, None].to(tl.int64) * F + ks[None, :]
-        w_offs = seg.to(tl.int64) * stride_we + ks[:, None] * stride_wf + cols[None, :] * stride_wd
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, F, BLOCK_K):
-            kmask = (k0 + ks) < F
-            hmask = rmask[:, None] & kmask[None, :]
-            dh = tl.load(dh_ptr + h_offs, mask=hmask, other=0.0)
-            g = tl.load(g_ptr + h_offs, mask=hmask, other=0.0)
-            u = tl.load(u_ptr + h_offs, mask=hmask, other=0.0)
-            wmask = kmask[:, None] & cmask[None, :]
-            bg = tl.load(wg_ptr + w_offs, mask=wmask, other=0.0)  # (BK, BN) = w_gate[e]^T tile
-            bu = tl.load(wu_ptr + w_offs, mask=wmask, other=0.0)
-            if UPCAST:
-                bg, bu = bg.to(tl.float32), bu.to(tl.float32)
-            dg, du = _swiglu_grads(dh, g, u, bg.dtype)
-            acc = tl.dot(dg, bg, acc, input_precision=PRECISION)
-            acc = tl.dot(du, bu, acc, input_precision=PRECISION)
-            h_offs += BLOCK_K
-            w_offs += BLOCK_K * stride_wf
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-    else:
-        tl.store(dx_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=dx_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+        acc = tl.dot(tl.trans(a), dc, acc, input_precision=PRECISION)
+    out = acc.to(dw_ptr.dtype.element_ty)
+    e64 = e.to(tl.int64)
+    tl.store(dw_ptr + e64 * K * N1 + kk[:, None] * N1 + nn[None, :], out,
+             mask=kmask[:, None] & (nn < N1)[None, :])
+    if SPLIT:
+        N2 = N_OUT - N1
+        tl.store(dw2_ptr + e64 * K * N2 + kk[:, None] * N2 + (nn - N1)[None, :], out,
+                 mask=kmask[:, None] & ((nn >= N1) & nmask)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,36 +277,39 @@ def _moe_grouped_swiglu_bwd_dx_kernel(dh_ptr, g_ptr, u_ptr, wg_ptr, wu_ptr, dx_p
 # ----------------------------------------------------------------------------------------------
 
 # Tile shapes per kernel for bf16/fp16 on sm_90, chosen so that no kernel spills registers (checked
-# from the cubin by tests/test_moe_grouped_gemm.py::test_gpu_build_sm90). Not autotuned: no GPU was
-# at hand to time them; benchmarks/moe_layer.py is where to do it.
+# from the cubin by tests/kernels/test_moe_grouped_gemm.py::test_gpu_build_sm90). Not autotuned: no
+# GPU was at hand to time them; benchmarks/gpu_check.py is where to do it.
 #                 BLOCK_M, BLOCK_N, BLOCK_K (BLOCK_R for dw: rows per step), num_warps, num_stages
 _GPU_TILES = {
-    "gemm": (128, 128, 64, 8, 3),  # 121 registers, 96 KiB shared
+    "gemm": (128, 128, 64, 8, 3),  # 121 registers, 96 KiB shared; also the SwiGLU input gradient (DUAL)
     "swiglu": (128, 64, 64, 8, 3),  # two accumulators: BLOCK_N=128 spills
-    "swiglu_dx": (128, 128, 32, 8, 4),  # five operand tiles per step
-    "dw": (128, 128, 64, 8, 3),
-    "swiglu_dw": (128, 128, 32, 8, 4),
+    "dw": (128, 128, 64, 8, 3),  # also both SwiGLU weight gradients (SPLIT)
+    "swiglu_bwd": (64, 128, 0, 4, 1),  # elementwise: no K loop
 }
 _GPU_TILES_FP32 = (64, 64, 32, 4, 3)
+GROUP_M = 8  # row tiles per group in _swizzle (Triton's tutorial value); 2 under the interpreter
 
 
 def _gemm_config(kind: str, dtype: torch.dtype) -> dict:
     if interpret_mode():
-        # The CPU interpreter pays per program; 32 still leaves several K chunks on the test widths.
-        bm, bn, bk, warps, stages = 32, 32, 32, 4, 1
+        # The CPU interpreter pays per program; 32 still leaves several K chunks on the test widths,
+        # and GROUP_M=2 makes the tests' few row tiles form several groups, the last one short.
+        bm, bn, bk, warps, stages, group = 32, 32, 32, 4, 1, 2
     elif dtype == torch.float32:
-        bm, bn, bk, warps, stages = _GPU_TILES_FP32
+        (bm, bn, bk, warps, stages), group = _GPU_TILES_FP32, GROUP_M
     else:
-        bm, bn, bk, warps, stages = _GPU_TILES[kind]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        (bm, bn, bk, warps, stages), group = _GPU_TILES[kind], GROUP_M
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=warps, num_stages=stages)
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
     """PRECISION: fp32 inputs get true fp32 products, as torch's fp32 matmul (TF32 off by default).
     UPCAST: Triton's CPU interpreter multiplies the raw bits of bf16 operands in tl.dot (it stores
-    bf16 as uint16; triton-lang/triton#11584, closed unfixed), so under the interpreter 16-bit operands
-    are converted to fp32 first: the same exact products and fp32 sums as a tensor-core dot."""
-    upcast = interpret_mode() and dtype != torch.float32
+    bf16 as uint16; triton-lang/triton#11584, closed unfixed), so under the interpreter bf16 operands
+    are converted to fp32 first: the same exact products and fp32 sums as a tensor-core dot. fp16
+    dots are right in the interpreter and run as they are: the fp16 test cases exercise the 16-bit
+    dot path that the GPU takes."""
+    upcast = interpret_mode() and dtype == torch.bfloat16
     return dict(PRECISION="ieee" if dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
 
 
@@ -567,39 +321,42 @@ def _row_tiles(N: int, E: int, block_m: int) -> int:
 
 
 def _grouped_gemm(a, expert_offsets, b, n_out_rows, K, N_OUT, E, *, gather=None, gather_div=1,
-                  b_strides=None, out_dtype=None):
-    """C (n_out_rows, N_OUT) = per-segment A @ b[e] (see _moe_grouped_gemm_kernel)."""
+                  b_strides=None, out_dtype=None, a2=None, b2=None):
+    """C (n_out_rows, N_OUT) = per-segment A @ b[e] (+ A2 @ b2[e] when a2 is given, a2 and b2 with
+    a's and b's strides; see _moe_grouped_gemm_kernel)."""
     cfg = _gemm_config("gemm", a.dtype)
     c = torch.empty((n_out_rows, N_OUT), dtype=out_dtype or a.dtype, device=a.device)
     if n_out_rows == 0 or N_OUT == 0:
         return c
     sbe, sbk, sbn = b_strides if b_strides is not None else b.stride()
-    grid = (_row_tiles(n_out_rows, E, cfg["BLOCK_M"]), triton.cdiv(N_OUT, cfg["BLOCK_N"]))
+    dual = a2 is not None
+    assert not dual or (a2.stride() == a.stride() and b2.stride() == b.stride()), "a2/b2 must share a/b's strides"
+    num_tiles = _row_tiles(n_out_rows, E, cfg["BLOCK_M"])
+    grid = (num_tiles * triton.cdiv(N_OUT, cfg["BLOCK_N"]),)
     runnable(_moe_grouped_gemm_kernel)[grid](
-        a, gather if gather is not None else expert_offsets, b, c, expert_offsets,
-        n_out_rows, K, N_OUT, E, gather_div,
+        a, a2 if dual else a, gather if gather is not None else expert_offsets, b, b2 if dual else b, c,
+        expert_offsets, n_out_rows, K, N_OUT, E, gather_div, num_tiles,
         a.stride(0), a.stride(1), sbe, sbk, sbn, c.stride(0),
-        GATHER=gather is not None, **_dot_flags(a.dtype), BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
+        GATHER=gather is not None, DUAL=dual, **_dot_flags(a.dtype), BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
     return c
 
 
-def _grouped_dw(a, expert_offsets, dc, E, K, N_OUT, *, gather=None, gather_div=1, g=None, u=None, dtype=None):
-    """dw (E, K, N_OUT) = per-expert a_rows^T @ dc_rows (two outputs from dh, g, u when g is given)."""
-    swiglu = g is not None
-    cfg = _gemm_config("swiglu_dw" if swiglu else "dw", a.dtype)
-    dw = torch.empty((E, K, N_OUT), dtype=dtype or a.dtype, device=a.device)
-    dw2 = torch.empty_like(dw) if swiglu else None
-    if E == 0 or K == 0 or N_OUT == 0:
-        return dw, dw2
-    grid = (E, triton.cdiv(K, cfg["BLOCK_M"]), triton.cdiv(N_OUT, cfg["BLOCK_N"]))
-    runnable(_moe_grouped_gemm_dw_kernel)[grid](
-        a, gather if gather is not None else expert_offsets, dc, g if swiglu else dc, u if swiglu else dc,
-        dw, dw2 if swiglu else dw, expert_offsets, K, N_OUT, gather_div,
-        a.stride(0), a.stride(1), dc.stride(0),
-        GATHER=gather is not None, SWIGLU=swiglu, **_dot_flags(a.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return dw, dw2
+def _grouped_dw(a, expert_offsets, dc, E, K, N_OUT, *, gather=None, gather_div=1, split=None, dtype=None):
+    """Per-expert a_rows^T @ dc_rows: dw (E, K, N_OUT), or (dw (E, K, split), dw2 (E, K, N_OUT - split))
+    when split is given (see _moe_grouped_gemm_dw_kernel)."""
+    cfg = _gemm_config("dw", a.dtype)
+    n1 = N_OUT if split is None else split
+    dw = torch.empty((E, K, n1), dtype=dtype or a.dtype, device=a.device)
+    dw2 = None if split is None else torch.empty((E, K, N_OUT - n1), dtype=dw.dtype, device=a.device)
+    if E > 0 and K > 0 and N_OUT > 0:
+        grid = (E * triton.cdiv(K, cfg["BLOCK_M"]) * triton.cdiv(N_OUT, cfg["BLOCK_N"]),)
+        runnable(_moe_grouped_gemm_dw_kernel)[grid](
+            a, gather if gather is not None else expert_offsets, dc, dw, dw2 if split is not None else dw,
+            expert_offsets, K, N_OUT, n1, gather_div, a.stride(0), a.stride(1), dc.stride(0),
+            GATHER=gather is not None, SPLIT=split is not None, **_dot_flags(a.dtype), GROUP_M=cfg["GROUP_M"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dw if split is None else (dw, dw2)
 
 
 class _MoEGroupedGemm(torch.autograd.Function):
@@ -620,57 +377,8 @@ class _MoEGroupedGemm(torch.autograd.Function):
             dx = _grouped_gemm(dy, expert_offsets, w, x.shape[0], D_out, D_in, E,
                                b_strides=(w.stride(0), w.stride(2), w.stride(1)))
         if ctx.needs_input_grad[2]:
-            dw, _ = _grouped_dw(x, expert_offsets, dy, E, D_in, D_out)
+            dw = _grouped_dw(x, expert_offsets, dy, E, D_in, D_out)
         return dx, None, dw
-
-
-class _MoEGroupedSwiGLU(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x, expert_offsets, w_gate, w_up, sorted_slots, top_k):
-        E, D, Fh = w_gate.shape
-        N = sorted_slots.numel() if sorted_slots is not None else x.shape[0]
-        cfg = _gemm_config("swiglu", x.dtype)
-        g = torch.empty((N, Fh), dtype=x.dtype, device=x.device)
-        u = torch.empty_like(g)
-        h = torch.empty_like(g)
-        if N > 0 and Fh > 0:
-            grid = (_row_tiles(N, E, cfg["BLOCK_M"]), triton.cdiv(Fh, cfg["BLOCK_N"]))
-            runnable(_moe_grouped_swiglu_kernel)[grid](
-                x, sorted_slots if sorted_slots is not None else expert_offsets, w_gate, w_up, g, u, h,
-                expert_offsets, N, D, Fh, E, top_k, x.stride(0), x.stride(1),
-                w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
-                GATHER=sorted_slots is not None, **_dot_flags(x.dtype),
-                BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
-        ctx.save_for_backward(x, expert_offsets, w_gate, w_up, sorted_slots, g, u)
-        ctx.top_k = top_k
-        return h
-
-    @staticmethod
-    def backward(ctx, dh):
-        x, expert_offsets, w_gate, w_up, sorted_slots, g, u = ctx.saved_tensors
-        E, D, Fh = w_gate.shape
-        N = g.shape[0]
-        dh = dh.contiguous()
-        dx = dwg = dwu = None
-        if ctx.needs_input_grad[0]:
-            cfg = _gemm_config("swiglu_dx", x.dtype)
-            dx_rows = torch.empty((N, D), dtype=x.dtype, device=x.device)
-            if N > 0 and D > 0:
-                grid = (_row_tiles(N, E, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_N"]))
-                runnable(_moe_grouped_swiglu_bwd_dx_kernel)[grid](
-                    dh, g, u, w_gate, w_up, dx_rows, expert_offsets, N, D, Fh, E,
-                    w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
-                    **_dot_flags(x.dtype), BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
-            if sorted_slots is not None:
-                # The gather's backward: each token sums its K rows, through the inverse (no atomics).
-                dx = _combine(dx_rows, _inverse_of(sorted_slots), None, x.shape[0], ctx.top_k, x.dtype)
-            else:
-                dx = dx_rows
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dwg, dwu = _grouped_dw(x, expert_offsets, dh, E, D, Fh, gather=sorted_slots, gather_div=ctx.top_k,
-                                   g=g, u=u, dtype=w_gate.dtype)
-        return dx, None, dwg, dwu, None, None
 
 
 def moe_grouped_gemm(x: torch.Tensor, expert_offsets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -678,22 +386,3 @@ def moe_grouped_gemm(x: torch.Tensor, expert_offsets: torch.Tensor, w: torch.Ten
     _check_gemm_args("moe_grouped_gemm", x, expert_offsets, w)
     check_triton_inputs("moe_grouped_gemm", x, expert_offsets, w)
     return _MoEGroupedGemm.apply(x, expert_offsets, w)
-
-
-def moe_grouped_swiglu(x: torch.Tensor, expert_offsets: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                       sorted_slots: Optional[torch.Tensor] = None, top_k: int = 1) -> torch.Tensor:
-    """Triton launcher with `moe_grouped_swiglu_ref`'s contract: gate and up projections in one
-    grouped GEMM (shared loads of x, optionally gathered through sorted_slots), SwiGLU in the epilogue."""
-    _check_gemm_args("moe_grouped_swiglu", x, expert_offsets, w_gate, w_up)
-    check_triton_inputs("moe_grouped_swiglu", x, expert_offsets, w_gate, w_up, sorted_slots)
-    return _MoEGroupedSwiGLU.apply(x, expert_offsets, w_gate, w_up, sorted_slots, int(top_k))
-
-
-def moe_grouped_down_combine(h: torch.Tensor, expert_offsets: torch.Tensor, w_down: torch.Tensor,
-                             inverse: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """Triton launcher with `moe_grouped_down_combine_ref`'s contract. On the GPU it is the two kernels
-    in sequence (grouped GEMM, then the atomic-free gather-sum combine): the combine needs the
-    (S, D) expert output in memory to stay deterministic without atomics."""
-    _check_gemm_args("moe_grouped_down_combine", h, expert_offsets, w_down)
-    check_triton_inputs("moe_grouped_down_combine", h, expert_offsets, w_down, inverse, topk_weights)
-    return moe_unpermute_combine(_MoEGroupedGemm.apply(h, expert_offsets, w_down), inverse, topk_weights)

@@ -34,7 +34,20 @@ except ImportError:  # pragma: no cover - exercised only where Triton is not ins
     tl = None
 
 __all__ = ["HAS_TRITON", "triton", "tl", "triton_available", "interpret_mode", "check_triton_inputs", "runnable",
-           "next_pow2", "TritonUnavailableError", "record_launches", "compile_for_gpu", "cubin_resource_usage"]
+           "next_pow2", "round_bf16_rtne", "TritonUnavailableError", "record_launches", "compile_for_gpu",
+           "cubin_resource_usage"]
+
+
+@triton.jit
+def round_bf16_rtne(x):
+    """fp32 x rounded to the nearest bf16 value (ties to even), still as fp32, so that storing it to a
+    bf16 tensor is exact. Triton's CPU interpreter converts fp32 -> bf16 by truncation and ignores
+    fp_downcast_rounding (measured: half the values of a randn vector differ from torch's rounding),
+    where a GPU rounds to nearest even; kernels whose bf16 stores feed further GEMMs call this under
+    the interpreter so that the interpreter tests see the GPU's rounding. NaN/inf are not expected."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 class TritonUnavailableError(RuntimeError):

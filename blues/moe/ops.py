@@ -14,7 +14,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from blues.common import log_once
-from blues.kernels import moe_grouped_gemm as _gg
+from blues.kernels import moe_grouped_down_combine as _down
+from blues.kernels import moe_grouped_swiglu as _swiglu
 from blues.kernels import moe_permute as _perm
 from blues.kernels import moe_route as _route
 from blues.kernels import triton_available
@@ -35,8 +36,8 @@ class MoEOps(NamedTuple):
 TORCH_OPS = MoEOps(
     moe_route=_route.moe_route_ref,
     moe_permute_indices=_perm.moe_permute_indices_ref,
-    moe_grouped_swiglu=_gg.moe_grouped_swiglu_ref,
-    moe_grouped_down_combine=_gg.moe_grouped_down_combine_ref,
+    moe_grouped_swiglu=_swiglu.moe_grouped_swiglu_ref,
+    moe_grouped_down_combine=_down.moe_grouped_down_combine_ref,
     moe_permute=_perm.moe_permute_ref,
     moe_unpermute_combine=_perm.moe_unpermute_combine_ref,
 )
@@ -44,8 +45,8 @@ TORCH_OPS = MoEOps(
 TRITON_OPS = MoEOps(
     moe_route=_route.moe_route,
     moe_permute_indices=_perm.moe_permute_indices,
-    moe_grouped_swiglu=_gg.moe_grouped_swiglu,
-    moe_grouped_down_combine=_gg.moe_grouped_down_combine,
+    moe_grouped_swiglu=_swiglu.moe_grouped_swiglu,
+    moe_grouped_down_combine=_down.moe_grouped_down_combine,
     moe_permute=_perm.moe_permute,
     moe_unpermute_combine=_perm.moe_unpermute_combine,
 )
