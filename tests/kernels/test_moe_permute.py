@@ -114,8 +114,9 @@ def test_moe_permute_and_combine_match_ref(T, E, K, D, kind, dtype):
     dy_ref, dw_ref = torch.autograd.grad(ref, (y, w), go)
     assert dy.dtype == dtype and dw.dtype == torch.float32
     torch.testing.assert_close(dy, dy_ref, **COMBINE_TOL[dtype])
-    torch.testing.assert_close(dw, dw_ref, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else
-                                               {"rtol": 2e-2, "atol": 2e-2}))
+    # dw[t, k] = <go[t], y[p]> in fp32 on every dtype: bf16 products are exact in fp32, so only the order
+    # of the D-term sums differs (measured 1.9e-6 in bf16; the bound was 2e-2 before issue 11).
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_refs_backward_is_autograd_of_the_definition():

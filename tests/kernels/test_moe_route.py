@@ -51,9 +51,11 @@ def _check_against_ref(logits, top_k, **kw):
     (g_out,) = torch.autograd.grad(loss(out), logits)
     (g_ref,) = torch.autograd.grad(loss(ref), logits)
     assert g_out.dtype == logits.dtype
+    # bf16: both compute the gradient in fp32 and round it once to bf16; they may land one bf16 ulp
+    # apart (2^-8..2^-7 relative, the interpreter truncating where torch rounds), hence rtol 8e-3.
     torch.testing.assert_close(g_out.float(), g_ref.float(),
                                **({"rtol": 1e-4, "atol": 1e-5} if logits.dtype == torch.float32
-                                                                 else {"rtol": 1e-2, "atol": 1e-2}))
+                                                                 else {"rtol": 8e-3, "atol": 1e-6}))
     return out
 
 
