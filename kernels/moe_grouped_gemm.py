@@ -184,14 +184,16 @@ def _dot_loop(acc, a_ptrs, b_ptrs, rmask, cmask, K, stride_ak, stride_bk,
 #            GATHER, else A[r]
 #   b        (E, K, N_OUT) strides (stride_be, stride_bk, stride_bn): any layout, so the backward
 #            passes w transposed without a copy
-#   a2, b2   when DUAL, a second pair with a's and b's strides, added to the same accumulator:
-#            C = A @ b[e] + A2 @ b2[e] (the SwiGLU input gradient dg @ w_gate^T + du @ w_up^T)
+#   b2       when SPLIT_K, rows [K1, K) of the B operand come from b2 (b's strides) and rows [0, K1)
+#            from b: C = A[:, :K1] @ b[e] + A[:, K1:] @ b2[e] in one K loop, one accumulator (the
+#            SwiGLU input gradient [dg | du] @ [w_gate; w_up]^T, as if the two weights were one
+#            (E, 2F, D) tensor)
 #   c        (N, N_OUT) row stride stride_cm, written: expert rows as above, dropped rows zero
 @triton.jit
-def _moe_grouped_gemm_kernel(a_ptr, a2_ptr, gather_ptr, b_ptr, b2_ptr, c_ptr, offsets_ptr,
-                             N, K, N_OUT, E, gather_div, num_tiles,
+def _moe_grouped_gemm_kernel(a_ptr, gather_ptr, b_ptr, b2_ptr, c_ptr, offsets_ptr,
+                             N, K, K1, N_OUT, E, gather_div, num_tiles,
                              stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm,
-                             GATHER: tl.constexpr, DUAL: tl.constexpr, PRECISION: tl.constexpr,
+                             GATHER: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
                              UPCAST: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr):
     tile, col = _swizzle(tl.program_id(0), num_tiles, tl.cdiv(N_OUT, BLOCK_N), GROUP_M)
@@ -210,10 +212,23 @@ def _moe_grouped_gemm_kernel(a_ptr, a2_ptr, gather_ptr, b_ptr, b2_ptr, c_ptr, of
         a_offs = src[:, None] * stride_am + ks[None, :] * stride_ak
         b_offs = seg.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _dot_loop(acc, a_ptr + a_offs, b_ptr + b_offs, rmask, cmask, K, stride_ak, stride_bk,
-                        PRECISION, UPCAST, BLOCK_K)
-        if DUAL:
-            acc = _dot_loop(acc, a2_ptr + a_offs, b2_ptr + b_offs, rmask, cmask, K, stride_ak, stride_bk,
+        if SPLIT_K:
+            a_ptrs = a_ptr + a_offs
+            b_base = seg.to(tl.int64) * stride_be + cols[None, :] * stride_bn  # (1, BN)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + ks
+                kmask = kk < K
+                # (BK, BN) tile of [b; b2]: each row from b or b2, so one stream and one dot per step
+                b_ptrs = tl.where((kk < K1)[:, None], b_ptr + b_base + kk[:, None] * stride_bk,
+                                  b2_ptr + b_base + (kk - K1)[:, None] * stride_bk)
+                a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+                if UPCAST:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                a_ptrs += BLOCK_K * stride_ak
+        else:
+            acc = _dot_loop(acc, a_ptr + a_offs, b_ptr + b_offs, rmask, cmask, K, stride_ak, stride_bk,
                             PRECISION, UPCAST, BLOCK_K)
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
     else:
@@ -281,7 +296,8 @@ def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, dw_ptr, dw2_ptr, offs
 # GPU was at hand to time them; benchmarks/gpu_check.py is where to do it.
 #                 BLOCK_M, BLOCK_N, BLOCK_K (BLOCK_R for dw: rows per step), num_warps, num_stages
 _GPU_TILES = {
-    "gemm": (128, 128, 64, 8, 3),  # 121 registers, 96 KiB shared; also the SwiGLU input gradient (DUAL)
+    "gemm": (128, 128, 64, 8, 3),  # 121 registers, 96 KiB shared
+    "swiglu_dx": (128, 128, 32, 8, 4),  # SPLIT_K: 126 registers (139 at BLOCK_K=64), 2 CTAs per SM
     "swiglu": (128, 64, 64, 8, 3),  # two accumulators: BLOCK_N=128 spills
     "dw": (128, 128, 64, 8, 3),  # also both SwiGLU weight gradients (SPLIT)
     "swiglu_bwd": (64, 128, 0, 4, 1),  # elementwise: no K loop
@@ -321,23 +337,23 @@ def _row_tiles(N: int, E: int, block_m: int) -> int:
 
 
 def _grouped_gemm(a, expert_offsets, b, n_out_rows, K, N_OUT, E, *, gather=None, gather_div=1,
-                  b_strides=None, out_dtype=None, a2=None, b2=None):
-    """C (n_out_rows, N_OUT) = per-segment A @ b[e] (+ A2 @ b2[e] when a2 is given, a2 and b2 with
-    a's and b's strides; see _moe_grouped_gemm_kernel)."""
-    cfg = _gemm_config("gemm", a.dtype)
+                  b_strides=None, out_dtype=None, b2=None, k1=None):
+    """C (n_out_rows, N_OUT) = per-segment A @ b[e], or A[:, :k1] @ b[e] + A[:, k1:] @ b2[e] when b2 is
+    given (b2 read with b's strides; see _moe_grouped_gemm_kernel)."""
+    cfg = _gemm_config("gemm" if b2 is None else "swiglu_dx", a.dtype)
     c = torch.empty((n_out_rows, N_OUT), dtype=out_dtype or a.dtype, device=a.device)
     if n_out_rows == 0 or N_OUT == 0:
         return c
     sbe, sbk, sbn = b_strides if b_strides is not None else b.stride()
-    dual = a2 is not None
-    assert not dual or (a2.stride() == a.stride() and b2.stride() == b.stride()), "a2/b2 must share a/b's strides"
+    split_k = b2 is not None
+    assert not split_k or (b2.stride() == b.stride() and 0 < k1 < K), "b2 must share b's strides; 0 < k1 < K"
     num_tiles = _row_tiles(n_out_rows, E, cfg["BLOCK_M"])
     grid = (num_tiles * triton.cdiv(N_OUT, cfg["BLOCK_N"]),)
     runnable(_moe_grouped_gemm_kernel)[grid](
-        a, a2 if dual else a, gather if gather is not None else expert_offsets, b, b2 if dual else b, c,
-        expert_offsets, n_out_rows, K, N_OUT, E, gather_div, num_tiles,
+        a, gather if gather is not None else expert_offsets, b, b2 if split_k else b, c,
+        expert_offsets, n_out_rows, K, k1 if split_k else K, N_OUT, E, gather_div, num_tiles,
         a.stride(0), a.stride(1), sbe, sbk, sbn, c.stride(0),
-        GATHER=gather is not None, DUAL=dual, **_dot_flags(a.dtype), BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
+        GATHER=gather is not None, SPLIT_K=split_k, **_dot_flags(a.dtype), BLOCK_SEG=max(2, next_pow2(E + 1)), **cfg)
     return c
 
 

@@ -13,9 +13,9 @@ Contract (reference `moe_grouped_swiglu_ref`, the specification):
   expert_offsets[E] are zero. Gradients flow to x, w_gate and w_up.
 
 The Triton backward computes the SwiGLU gradient once (issue 11, part 2): one elementwise pass
-writes dgu = [dg | du] (N, 2F) from dh, g, u; then two plain grouped GEMMs, dx = dg @ w_gate^T +
-du @ w_up^T (one accumulator, the two products in sequence) and [dw_gate | dw_up] = x_rows^T @ dgu
-(one launch, both weight gradients). Before, both GEMMs recomputed the SwiGLU gradient from three
+writes dgu = [dg | du] (N, 2F) from dh, g, u; then two plain grouped GEMMs, dx = [dg | du] @
+[w_gate; w_up]^T (one K loop of 2F, each B row read from w_gate or w_up) and [dw_gate | dw_up] =
+x_rows^T @ dgu (one launch, both weight gradients). Before, both GEMMs recomputed the SwiGLU gradient from three
 operand streams inside their K loops, which kept their MMAs from overlapping the loads and read
 dh, g, u once per column block of D: (2 + 2) * D / BLOCK reads of three (N, F) tensors at the S2
 shape against one read and one (N, 2F) write now.
@@ -260,8 +260,8 @@ class _MoEGroupedSwiGLU(torch.autograd.Function):
             if w_up.stride() != w_gate.stride():
                 w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
             wt = (w_gate.stride(0), w_gate.stride(2), w_gate.stride(1))
-            dx_rows = _grouped_gemm(dgu[:, :Fh], expert_offsets, w_gate, N, Fh, D, E, b_strides=wt,
-                                    a2=dgu[:, Fh:], b2=w_up)  # (N, D)
+            dx_rows = _grouped_gemm(dgu, expert_offsets, w_gate, N, 2 * Fh, D, E, b_strides=wt,
+                                    b2=w_up, k1=Fh)  # (N, D)
             if sorted_slots is not None:
                 # The gather's backward: each token sums its K rows, through the inverse (no atomics).
                 dx = _combine(dx_rows, _inverse_of(sorted_slots), None, x.shape[0], ctx.top_k, x.dtype)
