@@ -241,13 +241,15 @@ def _moe_grouped_gemm_kernel(a_ptr, gather_ptr, b_ptr, b2_ptr, c_ptr, offsets_pt
 # dw[e, i*BLOCK_M:, j*BLOCK_N:], and walks expert e's rows in chunks of BLOCK_R.
 #   a      rows, strides (stride_am, stride_ak), gathered as in _moe_grouped_gemm_kernel when GATHER
 #   dc     (N, N_OUT) row stride stride_dcm: gradient of the forward's output
-#   dw     (E, K, N1) contiguous: columns [0, N1) of a_rows^T @ dc_rows (zero for an expert with no row)
-#   dw2    when N1 < N_OUT, (E, K, N_OUT - N1) contiguous: the other columns. The SwiGLU op passes
+#   dw     (E, K, N1) strides (stride_we, stride_wk, stride_wn): columns [0, N1) of a_rows^T @ dc_rows
+#          (zero for an expert with no row); any layout, so moe_grouped_down_combine can write its
+#          (E, F, D) weight gradient as the transpose of a (E, D, F) product
+#   dw2    when SPLIT, (E, K, N_OUT - N1) with dw's strides: the other columns. The SwiGLU op passes
 #          dc = [dg | du] (N, 2F) and N1 = F: one launch writes both weight gradients.
 @triton.jit
 def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, dw_ptr, dw2_ptr, offsets_ptr,
                                 K, N_OUT, N1, gather_div,
-                                stride_am, stride_ak, stride_dcm,
+                                stride_am, stride_ak, stride_dcm, stride_we, stride_wk, stride_wn,
                                 GATHER: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                                 UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -278,12 +280,10 @@ def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, dw_ptr, dw2_ptr, offs
             a, dc = a.to(tl.float32), dc.to(tl.float32)
         acc = tl.dot(tl.trans(a), dc, acc, input_precision=PRECISION)
     out = acc.to(dw_ptr.dtype.element_ty)
-    e64 = e.to(tl.int64)
-    tl.store(dw_ptr + e64 * K * N1 + kk[:, None] * N1 + nn[None, :], out,
-             mask=kmask[:, None] & (nn < N1)[None, :])
+    w_offs = e.to(tl.int64) * stride_we + kk[:, None].to(tl.int64) * stride_wk
+    tl.store(dw_ptr + w_offs + nn[None, :] * stride_wn, out, mask=kmask[:, None] & (nn < N1)[None, :])
     if SPLIT:
-        N2 = N_OUT - N1
-        tl.store(dw2_ptr + e64 * K * N2 + kk[:, None] * N2 + (nn - N1)[None, :], out,
+        tl.store(dw2_ptr + w_offs + (nn - N1)[None, :] * stride_wn, out,
                  mask=kmask[:, None] & ((nn >= N1) & nmask)[None, :])
 
 
@@ -357,18 +357,25 @@ def _grouped_gemm(a, expert_offsets, b, n_out_rows, K, N_OUT, E, *, gather=None,
     return c
 
 
-def _grouped_dw(a, expert_offsets, dc, E, K, N_OUT, *, gather=None, gather_div=1, split=None, dtype=None):
+def _grouped_dw(a, expert_offsets, dc, E, K, N_OUT, *, gather=None, gather_div=1, split=None, dtype=None,
+                transposed=False):
     """Per-expert a_rows^T @ dc_rows: dw (E, K, N_OUT), or (dw (E, K, split), dw2 (E, K, N_OUT - split))
-    when split is given (see _moe_grouped_gemm_dw_kernel)."""
+    when split is given, or its transpose dw (E, N_OUT, K) when transposed (see _moe_grouped_gemm_dw_kernel)."""
     cfg = _gemm_config("dw", a.dtype)
     n1 = N_OUT if split is None else split
-    dw = torch.empty((E, K, n1), dtype=dtype or a.dtype, device=a.device)
+    assert not (transposed and split is not None), "a split gradient is written untransposed"
+    if transposed:
+        dw = torch.empty((E, N_OUT, K), dtype=dtype or a.dtype, device=a.device)
+        strides = (dw.stride(0), dw.stride(2), dw.stride(1))
+    else:
+        dw = torch.empty((E, K, n1), dtype=dtype or a.dtype, device=a.device)
+        strides = dw.stride()
     dw2 = None if split is None else torch.empty((E, K, N_OUT - n1), dtype=dw.dtype, device=a.device)
     if E > 0 and K > 0 and N_OUT > 0:
         grid = (E * triton.cdiv(K, cfg["BLOCK_M"]) * triton.cdiv(N_OUT, cfg["BLOCK_N"]),)
         runnable(_moe_grouped_gemm_dw_kernel)[grid](
             a, gather if gather is not None else expert_offsets, dc, dw, dw2 if split is not None else dw,
-            expert_offsets, K, N_OUT, n1, gather_div, a.stride(0), a.stride(1), dc.stride(0),
+            expert_offsets, K, N_OUT, n1, gather_div, a.stride(0), a.stride(1), dc.stride(0), *strides,
             GATHER=gather is not None, SPLIT=split is not None, **_dot_flags(a.dtype), GROUP_M=cfg["GROUP_M"],
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -309,15 +309,37 @@ def test_expert_layer_triton_equals_torch(T, E, K, D, Fh, capacity):
 def test_grouped_gemm_no_host_sync(monkeypatch):
     # The tile schedule is computed on the device: no .item()/.tolist()/bool() on the Triton path.
     gen = torch.Generator().manual_seed(0)
-    ss, offsets, _ = moe_permute_indices_ref(_routing(20, 4, 2, "dropped", gen), 4)
+    ids = _routing(20, 4, 2, "dropped", gen)
+    ss, offsets, inverse = moe_permute_indices_ref(ids, 4)
     x = torch.randn(20, 16, requires_grad=True)
-    wg, wu, wd = (torch.randn(4, 16, 16, requires_grad=True) for _ in range(3))
+    wg, wu, wd, wd2 = (torch.randn(4, 16, 16, requires_grad=True) for _ in range(4))
+    w = torch.rand(20, 2, requires_grad=True)
     for name in ("item", "tolist", "__bool__", "__int__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, _forbidden(name))
-    y = moe_grouped_gemm(moe_grouped_swiglu(x, offsets, wg, wu, ss, 2), offsets, wd)
-    y.sum().backward()
+    h = moe_grouped_swiglu(x, offsets, wg, wu, ss, 2)
+    (moe_grouped_gemm(h, offsets, wd).sum() + moe_grouped_down_combine(h, offsets, wd2, inverse, w).sum()).backward()
     monkeypatch.undo()
-    assert x.grad is not None and wd.grad is not None
+    assert x.grad is not None and wd.grad is not None and wd2.grad is not None and w.grad is not None
+
+
+def test_down_combine_keeps_no_expert_output():
+    # Issue 11, part 4: the backward needs no (S, D) expert output, so none is saved for it (the
+    # composition moe_unpermute_combine(moe_grouped_gemm(...)) saved one: ~0.5 GB per layer at S1).
+    gen = torch.Generator().manual_seed(0)
+    T, E, K, Fh, D = 16, 4, 2, 8, 24
+    ids = _routing(T, E, K, "random", gen)
+    _, offsets, inverse = moe_permute_indices_ref(ids, E)
+    h = torch.randn(T * K, Fh, generator=gen, requires_grad=True)
+    wd = torch.randn(E, Fh, D, generator=gen, requires_grad=True)
+    w = torch.rand(T, K, generator=gen, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = moe_grouped_down_combine(h, offsets, wd, inverse, w)
+    assert (T * K, D) not in saved, saved
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        moe_unpermute_combine_ref(moe_grouped_gemm_ref(h, offsets, wd), inverse, w)
+    assert (T * K, D) in saved  # the hook sees an (S, D) tensor where one is saved
+    out.sum().backward()
 
 
 def _forbidden(name):
@@ -334,17 +356,19 @@ def test_gpu_build_sm90(monkeypatch, dtype):
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     gen = torch.Generator().manual_seed(0)
     T, E, K, D, Fh = 64, 16, 4, 1536, 256
-    ss, offsets, _ = moe_permute_indices_ref(_routing(T, E, K, "dropped", gen), E)
+    ss, offsets, inverse = moe_permute_indices_ref(_routing(T, E, K, "dropped", gen), E)
     with record_launches() as rec:
         x = torch.randn(T, D, dtype=dtype, requires_grad=True)
         wg, wu = (torch.randn(E, D, Fh, dtype=dtype, requires_grad=True) for _ in range(2))
         wd = torch.randn(E, Fh, D, dtype=dtype, requires_grad=True)
+        w = torch.rand(T, K, requires_grad=True)
         h = moe_grouped_swiglu(x, offsets, wg, wu, ss, K)  # gathered
         h2 = moe_grouped_swiglu(torch.randn(T * K, D, dtype=dtype, requires_grad=True), offsets, wg, wu)
-        moe_grouped_gemm(h + h2, offsets, wd).float().sum().backward()
+        (moe_grouped_gemm(h + h2, offsets, wd).float().sum()
+         + moe_grouped_down_combine(h, offsets, wd, inverse, w).float().sum()).backward()
     names = {launch.fn.__name__ for launch in rec}
     assert {"_moe_grouped_gemm_kernel", "_moe_grouped_swiglu_kernel", "_moe_grouped_gemm_dw_kernel",
-            "_moe_swiglu_bwd_kernel"} <= names
+            "_moe_swiglu_bwd_kernel", "_moe_down_combine_bwd_kernel"} <= names
     for launch in rec:
         compiled = compile_for_gpu(launch.fn, launch.args, **launch.options)
         usage = cubin_resource_usage(compiled)
