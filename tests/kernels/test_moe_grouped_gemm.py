@@ -86,18 +86,19 @@ GEMM_CASES = [
 
 
 @pytest.mark.parametrize("T,E,K,D_in,D_out,kind,dtype", GEMM_CASES)
-def test_moe_grouped_gemm_matches_ref(T, E, K, D_in, D_out, kind, dtype):
+def test_moe_grouped_gemm_matches_ref(T, E, K, D_in, D_out, kind, dtype, device):
     gen = torch.Generator().manual_seed(T * 7 + E)
     _, offsets, _ = moe_permute_indices_ref(_routing(T, E, K, kind, gen), E)
+    offsets = offsets.to(device)
     N = T * K
-    x = torch.randn(N, D_in, generator=gen).to(dtype).requires_grad_()
-    w = (torch.randn(E, D_in, D_out, generator=gen) / D_in ** 0.5).to(dtype).requires_grad_()
+    x = torch.randn(N, D_in, generator=gen).to(device, dtype).requires_grad_()
+    w = (torch.randn(E, D_in, D_out, generator=gen) / D_in ** 0.5).to(device, dtype).requires_grad_()
     out = moe_grouped_gemm(x, offsets, w)
     assert out.dtype == dtype and out.shape == (N, D_out)
     ref = moe_grouped_gemm_ref(x.float(), offsets, w.float())
     _assert_close(out, ref, dtype, "out")
     assert torch.all(out[int(offsets[-1]):] == 0), "dropped rows must be zero"
-    g = torch.randn(N, D_out, generator=gen).to(dtype)
+    g = torch.randn(N, D_out, generator=gen).to(device, dtype)
     dx, dw = torch.autograd.grad(out, (x, w), g)
     dx_ref, dw_ref = torch.autograd.grad(ref, (x, w), g.float())
     assert dx.dtype == dw.dtype == dtype
@@ -122,20 +123,21 @@ SWIGLU_CASES = [
 
 
 @pytest.mark.parametrize("T,E,K,D,Fh,kind,gather,dtype", SWIGLU_CASES)
-def test_moe_grouped_swiglu_matches_ref(T, E, K, D, Fh, kind, gather, dtype):
+def test_moe_grouped_swiglu_matches_ref(T, E, K, D, Fh, kind, gather, dtype, device):
     gen = torch.Generator().manual_seed(T * 7 + E + D)
     sorted_slots, offsets, _ = moe_permute_indices_ref(_routing(T, E, K, kind, gen), E)
+    sorted_slots, offsets = sorted_slots.to(device), offsets.to(device)
     N = T * K
-    x = torch.randn(T if gather else N, D, generator=gen).to(dtype).requires_grad_()
-    wg = (torch.randn(E, D, Fh, generator=gen) / D ** 0.5).to(dtype).requires_grad_()
-    wu = (torch.randn(E, D, Fh, generator=gen) / D ** 0.5).to(dtype).requires_grad_()
+    x = torch.randn(T if gather else N, D, generator=gen).to(device, dtype).requires_grad_()
+    wg = (torch.randn(E, D, Fh, generator=gen) / D ** 0.5).to(device, dtype).requires_grad_()
+    wu = (torch.randn(E, D, Fh, generator=gen) / D ** 0.5).to(device, dtype).requires_grad_()
     ss = sorted_slots if gather else None
     h = moe_grouped_swiglu(x, offsets, wg, wu, ss, K)
     assert h.dtype == dtype and h.shape == (N, Fh)
     ref = moe_grouped_swiglu_ref(x.float(), offsets, wg.float(), wu.float(), ss, K)
     _assert_close(h, ref, dtype, "h")
     assert torch.all(h[int(offsets[-1]):] == 0), "dropped rows must be zero"
-    g = torch.randn(N, Fh, generator=gen).to(dtype)
+    g = torch.randn(N, Fh, generator=gen).to(device, dtype)
     grads = torch.autograd.grad(h, (x, wg, wu), g)
     grads_ref = torch.autograd.grad(ref, (x, wg, wu), g.float())
     for name, a, b in zip(("dx", "dw_gate", "dw_up"), grads, grads_ref):
@@ -148,20 +150,21 @@ def test_moe_grouped_swiglu_matches_ref(T, E, K, D, Fh, kind, gather, dtype):
     pytest.param(128, 8, 2, 40, 48, "empty_expert", torch.bfloat16, id="T128-E8-K2: an empty expert, bf16"),
     pytest.param(64, 5, 2, 40, 48, "dropped", torch.float16, id="T64-E5-K2: fp16 dots, drops"),
 ])
-def test_moe_grouped_down_combine_matches_ref(T, E, K, Fh, D, kind, dtype):
+def test_moe_grouped_down_combine_matches_ref(T, E, K, Fh, D, kind, dtype, device):
     # The down projection and the weighted combine as one op: Triton (its two kernels) against the
     # CPU reference, which never stores the (S, D) expert output.
     gen = torch.Generator().manual_seed(T + E)
     ids = _routing(T, E, K, kind, gen)
     _, offsets, inverse = moe_permute_indices_ref(ids, E)
-    h = torch.randn(T * K, Fh, generator=gen).to(dtype).requires_grad_()
-    wd = (torch.randn(E, Fh, D, generator=gen) / Fh ** 0.5).to(dtype).requires_grad_()
-    w = torch.where(ids == E, 0.0, torch.rand(T, K, generator=gen)).requires_grad_()
+    offsets, inverse = offsets.to(device), inverse.to(device)
+    h = torch.randn(T * K, Fh, generator=gen).to(device, dtype).requires_grad_()
+    wd = (torch.randn(E, Fh, D, generator=gen) / Fh ** 0.5).to(device, dtype).requires_grad_()
+    w = torch.where(ids == E, 0.0, torch.rand(T, K, generator=gen)).to(device).requires_grad_()
     out = moe_grouped_down_combine(h, offsets, wd, inverse, w)
     ref = moe_grouped_down_combine_ref(h.float(), offsets, wd.float(), inverse, w)
     assert out.dtype == dtype and out.shape == (T, D)
     _assert_close(out, ref, dtype, "out")
-    g = torch.randn(T, D, generator=gen).to(dtype)
+    g = torch.randn(T, D, generator=gen).to(device, dtype)
     for name, a, b in zip(("dh", "dw_down", "dweights"), torch.autograd.grad(out, (h, wd, w), g),
                           torch.autograd.grad(ref, (h, wd, w), g.float())):
         _assert_close(a, b, dtype, name)
@@ -287,19 +290,19 @@ REF_OPS = (moe_route_ref, moe_permute_indices_ref, moe_grouped_swiglu_ref, moe_g
     pytest.param(64, 8, 2, 40, 56, None, id="T64-E8-K2: no drops"),
     pytest.param(64, 7, 2, 24, 40, 12, id="T64-E7-K2: capacity 12 drops assignments"),
 ])
-def test_expert_layer_triton_equals_torch(T, E, K, D, Fh, capacity):
+def test_expert_layer_triton_equals_torch(T, E, K, D, Fh, capacity, device):
     # route -> permute indices -> gate/up SwiGLU (gather fused) -> down -> weighted combine, Triton
     # against the references: output and the gradients of x, router logits and all expert weights.
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(T, D, generator=gen, requires_grad=True)
-    logits = torch.randn(T, E, generator=gen, requires_grad=True)
-    wg = (torch.randn(E, D, Fh, generator=gen) / D ** 0.5).requires_grad_()
-    wu = (torch.randn(E, D, Fh, generator=gen) / D ** 0.5).requires_grad_()
-    wd = (torch.randn(E, Fh, D, generator=gen) / Fh ** 0.5).requires_grad_()
+    x = torch.randn(T, D, generator=gen).to(device).requires_grad_()
+    logits = torch.randn(T, E, generator=gen).to(device).requires_grad_()
+    wg = (torch.randn(E, D, Fh, generator=gen) / D ** 0.5).to(device).requires_grad_()
+    wu = (torch.randn(E, D, Fh, generator=gen) / D ** 0.5).to(device).requires_grad_()
+    wd = (torch.randn(E, Fh, D, generator=gen) / Fh ** 0.5).to(device).requires_grad_()
     out = _expert_layer(TRITON_OPS, x, logits, wg, wu, wd, K, capacity)
     ref = _expert_layer(REF_OPS, x, logits, wg, wu, wd, K, capacity)
     _assert_close(out, ref, torch.float32, "out")
-    g = torch.randn(T, D, generator=gen)
+    g = torch.randn(T, D, generator=gen).to(device)
     params = (x, logits, wg, wu, wd)
     for name, a, b in zip(("x", "logits", "w_gate", "w_up", "w_down"), torch.autograd.grad(out, params, g),
                           torch.autograd.grad(ref, params, g)):

@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from blues.kernels.moe_permute import (  # noqa: E402
+    PermuteIndices,
     moe_permute,
     moe_permute_indices,
     moe_permute_indices_ref,
@@ -59,9 +60,9 @@ INDEX_CASES = [
 
 
 @pytest.mark.parametrize("T,E,K,kind", INDEX_CASES)
-def test_moe_permute_indices_matches_ref(T, E, K, kind):
+def test_moe_permute_indices_matches_ref(T, E, K, kind, device):
     ids = _routing(T, E, K, kind)
-    out = moe_permute_indices(ids, E)
+    out = PermuteIndices(*(t.cpu() for t in moe_permute_indices(ids.to(device), E)))
     ref = moe_permute_indices_ref(ids, E)
     for name in ("sorted_slots", "expert_offsets", "inverse"):
         assert torch.equal(getattr(out, name), getattr(ref, name)), name
@@ -89,27 +90,28 @@ def test_moe_permute_indices_matches_ref(T, E, K, kind):
     pytest.param(128, 8, 8, 300, "one_expert", id="T128-K8-D300: two column blocks, all on one expert"),
     pytest.param(1000, 64, 2, 24, "random", id="T1000-E64-K2-D24: many row blocks"),
 ])
-def test_moe_permute_and_combine_match_ref(T, E, K, D, kind, dtype):
+def test_moe_permute_and_combine_match_ref(T, E, K, D, kind, dtype, device):
     gen = torch.Generator().manual_seed(T + D)
     ids = _routing(T, E, K, kind)
-    ss, _, inv = moe_permute_indices_ref(ids, E)
-    x = torch.randn(T, D, generator=gen).to(dtype).requires_grad_()
+    ss, _, inv = (t.to(device) for t in moe_permute_indices_ref(ids, E))
+    ids = ids.to(device)
+    x = torch.randn(T, D, generator=gen).to(device, dtype).requires_grad_()
     xp = moe_permute(x, ss, K)
     xp_ref = moe_permute_ref(x, ss, K)
     assert xp.dtype == dtype and torch.equal(xp, xp_ref)
-    g = torch.randn(T * K, D, generator=gen).to(dtype)
+    g = torch.randn(T * K, D, generator=gen).to(device, dtype)
     (dx,) = torch.autograd.grad(xp, x, g)
     (dx_ref,) = torch.autograd.grad(xp_ref, x, g)
     torch.testing.assert_close(dx, dx_ref, **COMBINE_TOL[dtype])
 
-    w = torch.rand(T, K, generator=gen)
+    w = torch.rand(T, K, generator=gen).to(device)
     w = torch.where(ids == E, torch.zeros_like(w), w).requires_grad_()  # a dropped assignment weighs 0
-    y = torch.randn(T * K, D, generator=gen).to(dtype).requires_grad_()
+    y = torch.randn(T * K, D, generator=gen).to(device, dtype).requires_grad_()
     out = moe_unpermute_combine(y, inv, w)
     ref = moe_unpermute_combine_ref(y, inv, w)
     assert out.dtype == dtype
     torch.testing.assert_close(out, ref, **COMBINE_TOL[dtype])
-    go = torch.randn(T, D, generator=gen).to(dtype)
+    go = torch.randn(T, D, generator=gen).to(device, dtype)
     dy, dw = torch.autograd.grad(out, (y, w), go)
     dy_ref, dw_ref = torch.autograd.grad(ref, (y, w), go)
     assert dy.dtype == dtype and dw.dtype == torch.float32

@@ -43,7 +43,8 @@ def _check_against_ref(logits, top_k, **kw):
         torch.testing.assert_close(getattr(out, name), getattr(ref, name), **tol, msg=name)
     T, E = logits.shape
     gen = torch.Generator().manual_seed(1)
-    gw, gp, gl = torch.randn(T, top_k, generator=gen), torch.randn(E, generator=gen), torch.randn(T, generator=gen)
+    gw, gp, gl = (t.to(logits.device) for t in (torch.randn(T, top_k, generator=gen), torch.randn(E, generator=gen),
+                                                torch.randn(T, generator=gen)))
 
     def loss(r):
         return (r.topk_weights * gw).sum() + (r.prob_sum * gp).sum() + (r.lse * gl).sum()
@@ -72,17 +73,17 @@ CASES = [
 
 
 @pytest.mark.parametrize("T,E,K,score_func,norm,bias,dtype", CASES)
-def test_moe_route_matches_ref(T, E, K, score_func, norm, bias, dtype):
+def test_moe_route_matches_ref(T, E, K, score_func, norm, bias, dtype, device):
     gen = torch.Generator().manual_seed(T * 100 + E)
-    logits = torch.randn(T, E, generator=gen).to(dtype).requires_grad_()
-    selection_bias = 0.3 * torch.randn(E, generator=gen) if bias else None
+    logits = torch.randn(T, E, generator=gen).to(device, dtype).requires_grad_()
+    selection_bias = (0.3 * torch.randn(E, generator=gen)).to(device) if bias else None
     out = _check_against_ref(logits, K, score_func=score_func, norm_topk_prob=norm, selection_bias=selection_bias)
     # invariants
     assert out.counts.sum().item() == T * K
     assert out.topk_ids.min() >= 0 and out.topk_ids.max() < E
     assert all(len(set(row)) == K for row in out.topk_ids.tolist()), "an expert chosen twice by one token"
     if norm:
-        torch.testing.assert_close(out.topk_weights.sum(-1), torch.ones(T))
+        torch.testing.assert_close(out.topk_weights.sum(-1), torch.ones(T, device=device))
 
 
 def test_moe_route_transposed_logits():
