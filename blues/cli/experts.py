@@ -1,6 +1,9 @@
-"""blues-experts: pictures of a run's experts, from the monitor CSV files blues-train writes.
+"""blues-experts: pictures of a run's experts, from the monitor CSV files blues-train writes, and of a trained
+model's routing on held-out data.
 
     blues-experts plot RUN_DIR [--out DIR]       # RUN_DIR: a blues-train out_dir; PNGs go to RUN_DIR/plots
+    blues-experts report MODEL_DIR --data DATA_DIR [--batches N] [--batch_size B] [--out DIR]
+                                                 # MODEL_DIR: save_pretrained's folder; files go to MODEL_DIR/report
 
 DeepSpeed's csv_monitor writes one file per event name under <out_dir>/monitor/<job_name>/ (job "blues"),
 the name with '/' turned into '_', rows `step,value` (a header row each time a process starts writing
@@ -12,9 +15,21 @@ and writes
     expert_load.png   heatmap per MoE layer: experts (rows) by logged steps (columns), load / ideal load
     loss.png          train and validation loss against steps, and against wall-clock seconds
     final_load.png    bars per MoE layer: each expert's load / ideal load at the last logged step
-Each figure is drawn at a fixed size (FIGURE_SIZE below, at DPI), so its pixel size is known.
+Each figure is drawn at a fixed size (figure_size below, at DPI), so its pixel size is known.
 
-Exit codes: 0 written, 2 a RUN_DIR that is missing or holds no monitor CSV (one line on stderr).
+`report` runs the model (eval mode, the stacked MoE layer's own route op, before any capacity cut, with
+the selection bias when it has one: the routing it generates with) over the first N batches of the val
+split of a prepared DATA_DIR, counting c[l, v, e], the times token v went to expert e in MoE layer l
+(blues.prune's forward hook, which checks its recomputed routing against the layer's own counts), and
+writes
+    token_experts_block_<i>.png   per MoE layer: the TOP_TOKENS most frequent tokens of the data (rows) by
+                                  expert, colour = c[l, v, e] / occurrences of v (each row sums to top_k)
+    top_tokens.md                 per MoE layer and expert: its share of the layer's assignments and the
+                                  TOKENS_PER_EXPERT tokens sent to it most often (decoded), with counts
+
+Exit codes: 0 written, 2 a user error, one line on stderr: a RUN_DIR that is missing or holds no monitor
+CSV; a MODEL_DIR or DATA_DIR that is missing or not one, a model without MoE layers, a val split too
+small for one window, tokenizers that differ, --batches or --batch_size below 1.
 """
 from __future__ import annotations
 
@@ -23,9 +38,12 @@ import math
 import os
 import re
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from blues.common import OneLineParser, run_cli
+
+if TYPE_CHECKING:
+    import torch
 
 PROG = "blues-experts"
 DPI = 100
@@ -36,6 +54,8 @@ def figure_size(name: str, num_layers: int) -> tuple[float, float]:
     """(width, height) in inches of the figure `name`; the PNG is DPI times that in pixels."""
     if name == "loss":
         return (12.0, 4.5)
+    if name == "token_experts":  # one layer per PNG
+        return (10.0, 9.0)
     per_layer = {"expert_load": 2.0, "final_load": 1.8}[name]
     return (10.0, 1.2 + per_layer * num_layers)
 
@@ -207,6 +227,139 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> list[str]:
     return written
 
 
+# ----------------------------------------------------------------------------- report: routing on held-out data
+
+TOP_TOKENS = 40  # rows of the token-to-expert heatmap: the data's most frequent tokens
+TOKENS_PER_EXPERT = 8  # tokens listed per expert in top_tokens.md
+
+
+def token_expert_counts(model, batches) -> "torch.Tensor":
+    """(L, V, E) int64: c[l, v, e], the times token v was routed to expert e in MoE layer l (top-k, before the
+    capacity cut) over `batches` of token ids (each (B, T)), in eval mode; V the model's vocabulary.
+
+    A forward hook on each MoE layer recomputes its routing from its input with the layer's own route op
+    and checks that its per-expert counts equal the layer's `selected` output (as blues.prune does), so
+    the counts describe the routing the model ran."""
+    import torch
+    import torch.nn.functional as F
+
+    from blues.moe.ops import resolve_moe_ops
+    from blues.prune import moe_layers
+    layers = moe_layers(model)  # [(block, layer)]; ValueError without MoE layers
+    V, E = model.config.model.vocab_size, model.config.moe.num_experts
+    counts = torch.zeros(len(layers), V * E, dtype=torch.int64)
+    current = {}
+
+    def hook(l: int):
+        @torch.no_grad()
+        def observe(layer, args, output) -> None:
+            m, x = layer.cfg, args[0]
+            logits = F.linear(x.reshape(-1, x.shape[-1]).float(), layer.router.weight.float())  # (N, E), as MoE
+            r = resolve_moe_ops(m.moe_backend, x.device).moe_route(
+                logits, m.top_k, score_func=m.router_score_func, norm_topk_prob=m.norm_topk_prob,
+                selection_bias=layer.selection_bias if layer.use_selection_bias else None)
+            assert torch.equal(r.counts, output.selected), (r.counts, output.selected)
+            tok = current["ids"].reshape(-1, 1).expand_as(r.topk_ids)  # (N, K): the token of each assignment
+            counts[l] += torch.bincount((tok * E + r.topk_ids).reshape(-1).cpu(), minlength=V * E)
+        return observe
+
+    handles = [layer.register_forward_hook(hook(l)) for l, (_, layer) in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                current["ids"] = x.to(model.tok_emb.weight.device)
+                model(current["ids"])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return counts.view(len(layers), V, E)
+
+
+def token_label(text: str, markdown: bool = False) -> str:
+    """A decoded token as a printable label: quoted with escapes (spaces and newlines show), with '$'
+    escaped for matplotlib's mathtext, or '|' for a Markdown table."""
+    import json
+    q = json.dumps(text, ensure_ascii=True)
+    return q.replace("|", r"\|") if markdown else q.replace("$", r"\$")
+
+
+def plot_token_experts(c: "torch.Tensor", labels: list[str], block: int, top_k: int, path: str) -> str:
+    """Heatmap of one layer: c (M, E) counts of the M most frequent tokens (rows, labelled) by expert, each
+    row divided by the token's occurrences (c.sum(1) / top_k), so a row sums to top_k."""
+    share = (c.double() * top_k / c.sum(dim=1, keepdim=True).clamp_min(1)).numpy()  # (M, E)
+    plt, fig, axes = _figure("token_experts", 1, 1)
+    ax = axes[0, 0]
+    im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    E = c.shape[1]
+    ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=7 if E > 32 else 9)
+    ax.set_xlabel("expert")
+    ax.set_title(f"block {block}: share of each token's occurrences routed to each expert (rows sum to top_k={top_k})",
+                 fontsize=10)
+    fig.colorbar(im, ax=ax, label="share of the token's occurrences")
+    fig.subplots_adjust(left=0.16, right=0.98, top=0.95, bottom=0.07)
+    return _save(plt, fig, path)
+
+
+def top_tokens_table(counts: "torch.Tensor", blocks: list[int], decode) -> str:
+    """Markdown: per MoE layer and expert, its share of the layer's assignments and the TOKENS_PER_EXPERT tokens
+    sent to it most often (ties: lower id first), `label count` each. counts (L, V, E)."""
+    import torch
+    lines = ["# Top tokens per expert", "",
+             "Per MoE layer and expert: its share of the layer's top-k assignments on the held-out batches, "
+             f"and the {TOKENS_PER_EXPERT} tokens routed to it most often (decoded, with counts).", ""]
+    for block, c in zip(blocks, counts):  # c (V, E)
+        per_expert = c.sum(dim=0)  # (E,)
+        total = max(1, int(per_expert.sum()))
+        lines += [f"## block {block}", "", "| expert | share | top tokens |", "| ---: | ---: | :--- |"]
+        for e in range(c.shape[1]):
+            col = c[:, e]
+            order = torch.sort(-col, stable=True).indices[:TOKENS_PER_EXPERT].tolist()  # most first, lower id on ties
+            top = ", ".join(f"{token_label(decode(v), markdown=True)} {int(col[v])}" for v in order if col[v] > 0)
+            top = top or "(none)"
+            lines.append(f"| {e} | {100 * int(per_expert[e]) / total:.1f}% | {top} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report_model(model_dir: str, data_dir: str, batches: int = 8, batch_size: int = 8,
+                 out_dir: Optional[str] = None) -> list[str]:
+    """blues-experts report: the per-layer token-to-expert heatmaps and top_tokens.md; returns the paths written."""
+    for name, v in (("batches", batches), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name} {v!r} is invalid: expected a positive integer")
+    import torch
+
+    from blues.common import atomic_write
+    from blues.data.loader import TokenLoader
+    from blues.data.tokenizer import Tokenizer
+    from blues.model import Blues
+    from blues.prune import moe_layers
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"MODEL_DIR {model_dir!r} does not exist: give a folder written by save_pretrained "
+                         "(blues-train's out_dir/model)")
+    model = Blues.from_pretrained(model_dir, ep_size=1)
+    blocks = [i for i, _ in moe_layers(model)]  # no MoE layer: refused before any data is read
+    tok = model.tokenizer
+    loader = TokenLoader(data_dir, "val", model.config.model.block_size, batch_size, tokenizer=tok)
+    tok = tok or Tokenizer.load(data_dir)
+    counts = token_expert_counts(model, (x for x, _ in loader.eval_batches(batches)))  # (L, V, E)
+    out_dir = out_dir or os.path.join(model_dir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    K = model.config.moe.top_k
+    freq = counts[0].sum(dim=1)  # (V,) each occurrence of a token makes top_k assignments in every layer
+    top = [v for v in torch.sort(-freq, stable=True).indices[:TOP_TOKENS].tolist() if freq[v] > 0]  # most first
+    labels = [token_label(tok.decode([v])) for v in top]
+    written = [plot_token_experts(c[top], labels, b, K, os.path.join(out_dir, f"token_experts_block_{b}.png"))
+               for b, c in zip(blocks, counts)]
+    table = os.path.join(out_dir, "top_tokens.md")
+    atomic_write(table, top_tokens_table(counts, blocks, lambda v: tok.decode([v])))
+    return written + [table]
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> OneLineParser:
@@ -215,6 +368,12 @@ def build_parser() -> OneLineParser:
     plot = sub.add_parser("plot", help="PNGs of expert load and losses from a run's monitor CSV files")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a blues-train out_dir (holds monitor/blues/*.csv)")
     plot.add_argument("--out", default=None, help="folder for the PNGs (default RUN_DIR/plots)")
+    rep = sub.add_parser("report", help="token-to-expert heatmaps and each expert's top tokens on held-out data")
+    rep.add_argument("model_dir", metavar="MODEL_DIR", help="a Blues model folder (save_pretrained; out_dir/model)")
+    rep.add_argument("--data", required=True, metavar="DATA_DIR", help="prepared data (blues-prepare): its val split")
+    rep.add_argument("--batches", type=int, default=8, help="val batches to run (default 8)")
+    rep.add_argument("--batch_size", type=int, default=8, help="sequences of block_size tokens per batch (default 8)")
+    rep.add_argument("--out", default=None, help="folder for the files (default MODEL_DIR/report)")
     return p
 
 
@@ -222,7 +381,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        for path in plot_run(args.run_dir, args.out):
+        if args.command == "plot":
+            paths = plot_run(args.run_dir, args.out)
+        else:
+            paths = report_model(args.model_dir, args.data, args.batches, args.batch_size, args.out)
+        for path in paths:
             print(path)
         return 0
 

@@ -29,7 +29,8 @@ Where a run starts (find_resume):
 
 client_state (DeepSpeed's, in the checkpoint) carries {"blues": ...}: step, tokens seen, the
 loader's state, every rank's python/numpy/torch(/cuda) RNG state, the Blues config, the
-tokenizer's sha256 and the balancing selection bias (blues.train.balance; None when off).
+tokenizer's sha256, the balancing selection bias (blues.train.balance; None when off) and the
+dead-expert counters (blues.train.revival; None when off).
 blues_complete.json repeats the small part (no RNG) so a resume can check compatibility before
 building anything.
 """
@@ -51,7 +52,7 @@ import torch
 
 from blues.common import atomic_write, atomic_write_json
 from blues.config import BluesConfig
-from blues.train import balance, reshard
+from blues.train import balance, reshard, revival
 from blues.train.distributed import barrier
 from blues.train.ep_checkpoint import after_load, check_expert_group, expert_group, full_state_dict, save_local_experts
 
@@ -396,7 +397,8 @@ def _blues_state(run: "Run") -> dict:
     return {"step": run.step, "tokens_seen": run.tokens_seen, "skipped_steps": run.skipped_steps,
             "loader": run.loader.state_dict() if run.loader is not None else None,
             "config": run.cfg.to_dict(), "tokenizer_sha256": run.tokenizer.sha256 if run.tokenizer else None,
-            "balance_bias": balance.get_bias(run.model)}  # (L, E) fp32, the same on every rank; None when off
+            "balance_bias": balance.get_bias(run.model),  # (L, E) fp32, the same on every rank; None when off
+            "dead_steps": revival.get_dead_steps(run.model)}  # (L, E) int64, the same on every rank; None when off
 
 
 def save_checkpoint(run: "Run") -> str:
@@ -428,6 +430,7 @@ def resume(run: "Run", where: tuple[str, str]) -> list[str]:
     run.step, run.tokens_seen = int(state["step"]), int(state["tokens_seen"])
     run.skipped_steps = int(state.get("skipped_steps", 0))
     balance.restore_bias(run.model, state.get("balance_bias"))
+    revival.restore_dead_steps(run.model, state.get("dead_steps"))
     if not same_world:
         return changes + reshard.restore_stream(run, state)  # the loader's position and the RNG, moved
     if run.loader is not None and state.get("loader") is not None:

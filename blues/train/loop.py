@@ -22,6 +22,7 @@ from blues.common import EXIT_OK
 from blues.train.checkpoint import export_weights, save_checkpoint
 from blues.train.engine import Run
 from blues.train.metrics import ExpertWindow, eval_events, expert_events, format_step, step_events, write_events
+from blues.train.revival import check_revival, format_revival, revival_events, revive_dead_experts
 from blues.train.step import evaluate, train_step
 
 EXIT_NONFINITE = 3  # max_bad_steps non-finite losses in a row; the last checkpoint is intact
@@ -89,6 +90,7 @@ def train(run: Run, *, progress: Optional[bool] = None, prompt: Optional[str] = 
     window_tokens, window_seconds = 0, 0.0
     experts, t_start = ExpertWindow(run), time.perf_counter()
     last_saved = run.step if run.step else None
+    check_revival(run)
     with _Signals(run):
         while run.step < t.max_steps:
             r = train_step(run)
@@ -100,6 +102,11 @@ def train(run: Run, *, progress: Optional[bool] = None, prompt: Optional[str] = 
                 bar.update(1)
             write_events(run, step_events(r, run.tokens_per_step / r.seconds, time.perf_counter() - t_start))
             experts.add(r)
+            revived = revive_dead_experts(run, r)  # collective; [] unless revive_dead_experts_after > 0
+            if revived:
+                for x in revived:
+                    say(format_revival(x, run.cfg.moe.revive_dead_experts_after))
+                write_events(run, revival_events(revived, run.cfg.moe_layer_ids(), r.step))
             if r.skipped:
                 say(format_step(r, run, 0.0))
                 if run.bad_in_a_row >= t.max_bad_steps:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from blues.cli.experts import DPI, figure_size, main, monotone_clock, read_series
 
@@ -92,3 +93,93 @@ def test_csv_of_a_resumed_run(tmp_path):
     p.write_text("step,loss\n1,abc\n")
     with pytest.raises(ValueError, match=r"row \['1', 'abc'\] is not `step,value`"):
         read_series(str(p))
+
+
+# ----------------------------------------------------------------------------- report: routing on held-out data
+
+REPORT_SMALL = dict(n_layer=3, num_dense_layers=1, n_embd=64, n_head=2, block_size=32, num_experts=E,
+                    expert_ffn_size=64, balance_bias_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A real tiny model (random weights, MoE in blocks 1 and 2 after one dense block) saved by save_pretrained
+    with the tokenizer of a prepared data folder (the built-in corpus)."""
+    from blues.config import tiny
+    from blues.data.prepare import prepare
+    from blues.data.tokenizer import Tokenizer
+    from blues.model import Blues
+    tmp = tmp_path_factory.mktemp("report")
+    prepare(str(tmp / "data"), progress=False)
+    torch.manual_seed(0)
+    tok = Tokenizer.load(str(tmp / "data"))
+    Blues(tiny().replace(**REPORT_SMALL)).save_pretrained(str(tmp / "model"), tokenizer=tok)
+    return tmp / "model", tmp / "data"
+
+
+def test_report_writes_a_heatmap_per_layer_and_a_table_of_every_expert(small_model, tmp_path, capsys):
+    from PIL import Image
+    model_dir, data = small_model
+    assert main(["report", str(model_dir), "--data", str(data), "--batches", "2", "--batch_size", "4",
+                 "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(os.path.basename(p) for p in printed) == ["token_experts_block_1.png", "token_experts_block_2.png",
+                                                             "top_tokens.md"]
+    w, h = figure_size("token_experts", 1)
+    for b in (1, 2):
+        with Image.open(tmp_path / f"token_experts_block_{b}.png") as im:
+            im.verify()  # a complete, uncorrupted PNG
+        with Image.open(tmp_path / f"token_experts_block_{b}.png") as im:
+            assert im.format == "PNG" and im.size == (round(w * DPI), round(h * DPI)), im.size
+            assert len(im.convert("RGB").getcolors(maxcolors=1 << 20)) > 20, "looks blank"
+    table = (tmp_path / "top_tokens.md").read_text()
+    for b in (1, 2):
+        section = table.split(f"## block {b}\n")[1].split("## block")[0]
+        rows = [r for r in section.splitlines() if r.startswith("| ") and r[2].isdigit()]
+        assert [int(r.split("|")[1]) for r in rows] == list(range(E)), section  # every expert, in order
+        shares = [float(r.split("|")[2].strip().rstrip("%")) for r in rows]
+        assert sum(shares) == pytest.approx(100, abs=0.05 * E)  # each rounded to 0.1%
+    assert "## block 0" not in table  # the dense block has no experts
+
+
+def test_report_counts_are_the_routing_the_model_ran(small_model):
+    """token_expert_counts (L, V, E) against the model's own per-layer counts (BluesOutput.expert_selected)
+    over the same batches: equal per expert, and every token occurrence makes top_k assignments."""
+    from blues.cli.experts import token_expert_counts
+    from blues.data.loader import TokenLoader
+    from blues.model import Blues
+    model_dir, data = small_model
+    model = Blues.from_pretrained(str(model_dir)).eval()
+    xs = [x for x, _ in TokenLoader(str(data), "val", 32, 4).eval_batches(2)]
+    c = token_expert_counts(model, xs)
+    with torch.no_grad():
+        selected = sum(model(x).expert_selected for x in xs)  # (L, E)
+    assert c.shape == (2, model.config.model.vocab_size, E)
+    assert torch.equal(c.sum(dim=1), selected.to(c.dtype))
+    K = model.config.moe.top_k
+    occurrences = torch.bincount(torch.cat(xs).reshape(-1), minlength=c.shape[1])  # (V,)
+    assert torch.equal(c.sum(dim=2), K * occurrences.expand(2, -1))
+
+
+@pytest.mark.parametrize("case", ["model_missing", "data_missing", "batches", "dense"])
+def test_report_bad_inputs_are_one_line_exit_2(small_model, tmp_path, capsys, case):
+    from blues.config import tiny
+    from blues.model import Blues
+    model_dir, data = small_model
+    args = {"model_dir": str(model_dir), "--data": str(data), "--batches": "2"}
+    expect = {"model_missing": "MODEL_DIR", "data_missing": "does not exist: run blues-prepare",
+              "batches": "--batches 0 is invalid", "dense": "the model has no MoE layer"}[case]
+    if case == "model_missing":
+        args["model_dir"] = str(tmp_path / "nope")
+    elif case == "data_missing":
+        args["--data"] = str(tmp_path / "nodata")
+    elif case == "batches":
+        args["--batches"] = "0"
+    else:
+        Blues(tiny().replace(**dict(REPORT_SMALL, num_dense_layers=3))).save_pretrained(str(tmp_path / "dense"))
+        args["model_dir"] = str(tmp_path / "dense")
+    out = tmp_path / "out"
+    rc = main(["report", args.pop("model_dir"), *[x for kv in args.items() for x in kv], "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("blues-experts: error: ") and expect in err, err
+    assert not out.exists(), "nothing written for bad inputs"
