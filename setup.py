@@ -55,6 +55,7 @@ setup(
             "blues-export=blues.cli.hf:export_main",
             "blues-experts=blues.cli.experts:main",
             "blues-prune=blues.cli.prune:main",
+            "blues-upcycle=blues.cli.upcycle:main",
         ]
     },
 )

@@ -91,9 +91,11 @@ def param_counts(cfg) -> dict:
             "non_embedding_active": ref.num_params(active_only=True) - ref.tok_emb.weight.numel()}
 
 
-def run_seed(configs: dict, seed: int, steps: int, eval_every: int, data: str, dist) -> tuple[dict, dict]:
+def run_seed(configs: dict, seed: int, steps: int, eval_every: int, data: str, dist,
+             init_from: Optional[dict] = None) -> tuple[dict, dict]:
     """Train every model for `steps` steps, in turns of eval_every steps: (name -> curve, name -> the
-    expert load of the last eval_every steps: min and max over layers and experts of an expert's share)."""
+    expert load of the last eval_every steps: min and max over layers and experts of an expert's share).
+    init_from: name -> a model folder whose weights that model starts from (blues-train --init_from)."""
     import torch
 
     from blues import train as T
@@ -101,7 +103,7 @@ def run_seed(configs: dict, seed: int, steps: int, eval_every: int, data: str, d
     for name, cfg in configs.items():
         cfg = cfg.replace(seed=seed, data_dir=data, max_steps=steps,
                           out_dir=os.path.join(tempfile.gettempdir(), f"blues_quality_{name}"))
-        runs[name] = T.build_engine(cfg, dist=dist)
+        runs[name] = T.build_engine(cfg, dist=dist, init_from=(init_from or {}).get(name))
         curves[name] = [(0, 0.0, T.evaluate(runs[name])["val_loss"])]
         seconds[name] = 0.0
     done = 0

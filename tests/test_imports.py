@@ -26,7 +26,7 @@ LAYERS = (
     ("blues.moe",),
     ("blues.attention", "blues.model", "blues.generate"),
     ("blues.hf",),
-    ("blues.prune",),
+    ("blues.prune", "blues.upcycle"),
     ("blues.train",),
     ("blues.probe",),
     ("blues.slurm",),
