@@ -324,11 +324,11 @@ def run_module(*args):
 
 def test_cli_import_of_a_bad_folder_is_one_line(tmp_path):
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     r = run_module("import", str(tmp_path / "hf"), str(tmp_path / "out"))
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    assert "model_type='llama'" in r.stderr and not os.path.exists(tmp_path / "out")
+    assert "model_type='gpt2'" in r.stderr and not os.path.exists(tmp_path / "out")
 
 
 def test_cli_import_then_export(hf_dirs, tmp_path):

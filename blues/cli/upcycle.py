@@ -3,11 +3,12 @@
     blues-upcycle DENSE_DIR OUT --num_experts E --top_k K [--noise STD] [--drop_ratio R] [--seed S]
         [key=value ...]
 
-DENSE_DIR is a folder written by save_pretrained (blues-train's out/model) of a model whose every
-layer is a dense SwiGLU (num_dense_layers = n_layer). Every layer becomes an MoE of E experts, each a
-copy of that layer's MLP (blues.upcycle: sparse upcycling, with optional noise or Drop-Upcycling
-re-initialisation); key=value sets other fields of the new config (router_noise_std=0, ...). OUT
-gets the MoE and the tokenizer; train it on with `blues-train --init_from OUT`.
+DENSE_DIR is a folder of a model whose every layer is a dense SwiGLU: written by save_pretrained
+(blues-train's out/model with num_dense_layers = n_layer), or a Hugging Face Llama folder. Every
+layer becomes an MoE of E experts, each a copy of that layer's MLP (blues.upcycle: sparse upcycling,
+with optional noise or Drop-Upcycling re-initialisation); key=value sets other fields of the new
+config (router_noise_std=0, ...). OUT gets the MoE and the tokenizer (a Blues folder's; a Hugging
+Face tokenizer.json is not read yet); train it on with `blues-train --init_from OUT`.
 
 Output (stdout):
     upcycled blocks 0-5: 8 experts of 1024 hidden units each, top-2
@@ -33,7 +34,7 @@ STEP0_TOL = 1e-4  # fp32: the same products summed in another order (measured ~6
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("dense_dir", metavar="DENSE_DIR", help="a dense Blues model folder (save_pretrained)")
+    p.add_argument("dense_dir", metavar="DENSE_DIR", help="a dense Blues model folder, or a Hugging Face Llama one")
     p.add_argument("out", metavar="OUT", help="folder for the MoE (must not exist, or be empty)")
     p.add_argument("--num_experts", type=int, required=True, help="experts per layer")
     p.add_argument("--top_k", type=int, required=True, help="experts per token")
@@ -50,12 +51,12 @@ def upcycle_main(args) -> int:
     import torch
 
     from blues.cli.prune import check_out
-    from blues.model import Blues
+    from blues.hf.load import load_model
     from blues.upcycle import check_upcycle_args, dense_layers_of, upcycle
 
     check_upcycle_args(args.num_experts, args.top_k, args.noise, args.drop_ratio)
     check_out(args.out)
-    dense = Blues.from_pretrained(args.dense_dir).eval()
+    dense = load_model(args.dense_dir).eval()
     dense_layers_of(dense)  # refused before any work when the model has MoE layers
     res = upcycle(dense, args.num_experts, args.top_k, noise_std=args.noise, drop_ratio=args.drop_ratio,
                   seed=args.seed, overrides=args.overrides)
@@ -77,7 +78,8 @@ def upcycle_main(args) -> int:
                   f"nothing saved", file=sys.stderr)
             return EXIT_FAILURE
     moe.save_pretrained(args.out, tokenizer=dense.tokenizer)
-    print(f"saved {args.out}")
+    print(f"saved {args.out}" + ("" if dense.tokenizer is not None else
+                                 " (no tokenizer: a Hugging Face tokenizer.json is not read yet)"))
     return EXIT_OK
 
 

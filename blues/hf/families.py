@@ -19,6 +19,10 @@ Qwen3-MoE (model_type qwen3_moe) differs in:
   ...mlp.gate.weight (E, D)                               blocks.i.mlp.router.weight
   ...mlp.experts.e.{gate,up,down}_proj.weight             as w1, w3, w2 above
   ...mlp.{gate,up,down}_proj.weight (dense layers)        blocks.i.mlp.w_{gate,up,down}.weight (same layout)
+Llama (model_type llama, dense) is a Mixtral whose every layer is a dense SwiGLU:
+  ...mlp.{gate,up,down}_proj.weight                       blocks.i.mlp.w_{gate,up,down}.weight (same layout)
+  ...self_attn.{q,k,v,o}_proj.bias (attention_bias)       blocks.i.attn.w{q,k,v,o}.bias
+It is imported as a Blues model with num_dense_layers = n_layer: the start of blues-upcycle.
 transformers 5 keeps the experts fused in memory (mlp.experts.gate_up_proj (E, 2F, D), gate rows
 first, and mlp.experts.down_proj (E, D, F)) and renames Mixtral's block_sparse_moe to mlp, but
 saves the per-expert names above (its conversion_mapping.py); import reads both, export writes the
@@ -48,6 +52,7 @@ class Family(NamedTuple):
     moe_prefix: str  # the MoE block's name on disk (transformers 5 renames Mixtral's to `mlp` in memory)
     expert_weights: tuple[tuple[str, str], ...]  # (name on disk, Blues stacked weight): gate, up, down
     default_theta: float  # its config class's rope_theta when a config names none
+    dense: bool = False  # every layer a dense SwiGLU (no experts): import only, for upcycling
 
 
 MIXTRAL = Family("mixtral", "Mixtral", "MixtralForCausalLM", "block_sparse_moe",
@@ -55,7 +60,8 @@ MIXTRAL = Family("mixtral", "Mixtral", "MixtralForCausalLM", "block_sparse_moe",
 QWEN3_MOE = Family("qwen3_moe", "Qwen3-MoE", "Qwen3MoeForCausalLM", "mlp",
                    (("gate_proj.weight", "w_gate"), ("up_proj.weight", "w_up"), ("down_proj.weight", "w_down")),
                    1e4)
-FAMILIES = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE)}
+LLAMA = Family("llama", "Llama", "LlamaForCausalLM", "mlp", (), 1e4, dense=True)
+FAMILIES = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE, LLAMA)}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
@@ -88,6 +94,8 @@ def config_from_hf(hf_config: dict[str, Any]) -> BluesConfig:
     mlp_only_layers and (i + 1) % decoder_sparse_step == 0; the others (dense_layers) are dense
     SwiGLUs of intermediate_size; norm_topk_prob as the config says (its class defaults to false)."""
     fam = family_of(hf_config)
+    if fam.dense:
+        return _dense_config_from_hf(hf_config, fam)
     h = dict(hf_config)
     if fam is QWEN3_MOE and h.get("num_experts") is None:  # transformers 5 saves it under Mixtral's name
         h["num_experts"] = h.get("num_local_experts")
@@ -98,9 +106,28 @@ def config_from_hf(hf_config: dict[str, Any]) -> BluesConfig:
     if missing:
         raise ValueError(f"{HF_CONFIG_NAME} lacks {', '.join(missing)}: a {fam.title} config names each of "
                          f"{', '.join(dict.fromkeys(required))}")
+    L = h["num_hidden_layers"]
+    model = _model_fields(h, fam)
+    top_k = h["num_experts_per_tok"]
+    moe = dict(num_experts=h[n_exp], top_k=top_k, expert_ffn_size=h[f_exp], router_noise_std=0.0,
+               router_score_func="softmax", norm_topk_prob=True,
+               aux_loss_coef=float(h.get("router_aux_loss_coef", 0.001)) * top_k, z_loss_coef=0.0,
+               capacity_factor=None)
+    if fam is QWEN3_MOE:
+        step = h.get("decoder_sparse_step", 1)
+        dense = sorted(i for i in range(L) if i in (h.get("mlp_only_layers") or []) or (i + 1) % step != 0)
+        model.update(qk_norm="head", attention_bias=bool(h.get("attention_bias", False)))
+        moe.update(norm_topk_prob=bool(h.get("norm_topk_prob", False)), dense_layers=dense or None,
+                   dense_ffn_size=h["intermediate_size"])
+    return BluesConfig(model=ModelConfig(**model), moe=MoEConfig(**moe))
+
+
+def _model_fields(h: dict[str, Any], fam: Family) -> dict[str, Any]:
+    """ModelConfig fields of a Hugging Face config (every family), or one ValueError naming the field
+    that Blues cannot express (activation, sliding window, RoPE scaling)."""
     D, H, T, L = h["hidden_size"], h["num_attention_heads"], h["max_position_embeddings"], h["num_hidden_layers"]
     if h.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={h['hidden_act']!r} cannot be expressed: Blues' experts are SwiGLU (silu)")
+        raise ValueError(f"hidden_act={h['hidden_act']!r} cannot be expressed: Blues' MLPs are SwiGLU (silu)")
     window = h.get("sliding_window") if fam is MIXTRAL or h.get("use_sliding_window") else None
     if window is not None and window < T:
         raise ValueError(f"sliding_window={window} cannot be expressed: Blues attends over the whole context "
@@ -116,23 +143,31 @@ def config_from_hf(hf_config: dict[str, Any]) -> BluesConfig:
         if h.get(name):
             log.warning("%s=%s in %s is dropped: Blues has no such training-time setting; inference is the same",
                         name, h[name], HF_CONFIG_NAME)
-    top_k = h["num_experts_per_tok"]
-    model = dict(vocab_size=h["vocab_size"], block_size=T, n_layer=L, n_head=H, n_embd=D,
-                 num_kv_heads=h.get("num_key_value_heads") or H, dropout=0.0, rope_theta=float(theta),
-                 norm_eps=float(h.get("rms_norm_eps", 1e-5 if fam is MIXTRAL else 1e-6)),
-                 tie_embeddings=bool(h.get("tie_word_embeddings", False)),
-                 init_std=float(h.get("initializer_range", 0.02)), head_dim=h.get("head_dim"))
-    moe = dict(num_experts=h[n_exp], top_k=top_k, expert_ffn_size=h[f_exp], router_noise_std=0.0,
-               router_score_func="softmax", norm_topk_prob=True,
-               aux_loss_coef=float(h.get("router_aux_loss_coef", 0.001)) * top_k, z_loss_coef=0.0,
-               capacity_factor=None)
-    if fam is QWEN3_MOE:
-        step = h.get("decoder_sparse_step", 1)
-        dense = sorted(i for i in range(L) if i in (h.get("mlp_only_layers") or []) or (i + 1) % step != 0)
-        model.update(qk_norm="head", attention_bias=bool(h.get("attention_bias", False)))
-        moe.update(norm_topk_prob=bool(h.get("norm_topk_prob", False)), dense_layers=dense or None,
-                   dense_ffn_size=h["intermediate_size"])
-    return BluesConfig(model=ModelConfig(**model), moe=MoEConfig(**moe))
+    return dict(vocab_size=h["vocab_size"], block_size=T, n_layer=L, n_head=H, n_embd=D,
+                num_kv_heads=h.get("num_key_value_heads") or H, dropout=0.0, rope_theta=float(theta),
+                norm_eps=float(h.get("rms_norm_eps", 1e-5 if fam is MIXTRAL else 1e-6)),
+                tie_embeddings=bool(h.get("tie_word_embeddings", False)),
+                init_std=float(h.get("initializer_range", 0.02)), head_dim=h.get("head_dim"),
+                attention_bias=bool(h.get("attention_bias", False)) if fam is not MIXTRAL else False)
+
+
+def _dense_config_from_hf(h: dict[str, Any], fam: Family) -> BluesConfig:
+    """A dense family's config.json: every layer a SwiGLU of intermediate_size (num_dense_layers =
+    n_layer). The MoE fields are placeholders no layer uses (one expert of the dense width), ready for
+    blues-upcycle, which replaces them."""
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings")
+    missing = [k for k in required if h.get(k) is None]
+    if missing:
+        raise ValueError(f"{HF_CONFIG_NAME} lacks {', '.join(missing)}: a {fam.title} config names each of "
+                         f"{', '.join(required)}")
+    if h.get("mlp_bias"):
+        raise ValueError("mlp_bias=true cannot be expressed: Blues' SwiGLU projections have no bias")
+    F = h["intermediate_size"]
+    moe = MoEConfig(num_experts=1, top_k=1, expert_ffn_size=F, dense_ffn_size=F,
+                    num_dense_layers=h["num_hidden_layers"], router_noise_std=0.0, aux_loss_coef=0.0,
+                    z_loss_coef=0.0)
+    return BluesConfig(model=ModelConfig(**_model_fields(h, fam)), moe=moe)
 
 
 def _refusals(config: BluesConfig, family: Family) -> list[str]:

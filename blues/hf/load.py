@@ -224,6 +224,13 @@ def load_hf(hf_dir: str, dtype: Union[torch.dtype, str] = torch.float32, **overr
     return model
 
 
+def load_model(folder: str, dtype: Union[torch.dtype, str] = torch.float32) -> Blues:
+    """The model of a folder, Hugging Face (load_hf) or Blues (Blues.from_pretrained, with its tokenizer)."""
+    if _is_hf(_read_folder_config(folder)):
+        return load_hf(folder, dtype=dtype)
+    return Blues.from_pretrained(folder).to(resolve_dtype(dtype))
+
+
 # ----------------------------------------------------------------------------- blues-train --init_from
 
 def init_from_config(folder: str, overrides: Optional[list[str]] = None) -> BluesConfig:
