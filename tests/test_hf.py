@@ -76,9 +76,23 @@ def hf_dirs(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "fused" / "model.safetensors",
               metadata={"format": "pt"})
     tiny_mixtral(tie_word_embeddings=True).save_pretrained(root / "tied")
-    # A tokenizer.json beside the weights is not read yet; it must not get in the way.
-    (root / "single" / "tokenizer.json").write_text("{}")
+    hf_word_tokenizer(root / "single")  # a Hugging Face tokenizer.json beside the weights: import reads it
     return {p.name: str(p) for p in root.iterdir()}
+
+
+def hf_word_tokenizer(folder, extra_tokens: int = 0) -> None:
+    """A word-level BPE (Whitespace split, no byte alphabet: fewer ids than VOCAB) with </s> as its
+    eos, saved as transformers saves one: tokenizer.json and tokenizer_config.json."""
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.Tokenizer(tk.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    trainer = tk.trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "</s>"])
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20 + ["def f(x): return x * 2"] * 20,
+                            trainer=trainer)
+    tok.add_tokens([f"word{i}" for i in range(extra_tokens)])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "</s>"}, f)
 
 
 def test_the_layouts_are_what_they_claim(hf_dirs):
@@ -344,6 +358,37 @@ def test_cli_import_then_export(hf_dirs, tmp_path):
     assert sorted(out) == sorted(src) and all(torch.equal(out[k], src[k]) for k in src)
     r = run_module("export", str(tmp_path / "blues"), "--hf", str(tmp_path / "hf"))
     assert r.returncode == 2 and "exists and is not an empty folder" in r.stderr
+
+
+def test_import_reads_the_folders_tokenizer(hf_dirs):
+    from blues.data.hf_tokenizer import HFTokenizer
+    model = load_hf(hf_dirs["single"]).eval()
+    tok = model.tokenizer
+    assert isinstance(tok, HFTokenizer) and tok.decode([tok.eot_id]) == "</s>"
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(hf_dirs["single"], "tokenizer.json"))
+    assert tok.encode("the lazy fox jumps") == ref.encode("the lazy fox jumps", add_special_tokens=False)
+    assert isinstance(model.generate("the quick", max_new_tokens=5, temperature=0), str)  # a text prompt works
+    assert load_hf(hf_dirs["sharded"]).tokenizer is None  # no tokenizer.json there
+
+
+def test_cli_import_keeps_the_tokenizer_and_export_writes_it(hf_dirs, tmp_path):
+    assert run_module("import", hf_dirs["single"], str(tmp_path / "blues")).returncode == 0
+    src = load_hf(hf_dirs["single"]).tokenizer
+    model = Blues.from_pretrained(str(tmp_path / "blues"))
+    assert model.tokenizer.fingerprint == src.fingerprint
+    r = run_module("export", str(tmp_path / "blues"), "--hf", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"))
+    assert ref.encode("def f(x)", add_special_tokens=False) == src.encode("def f(x)")
+    with open(tmp_path / "hf" / "tokenizer_config.json") as f:
+        assert json.load(f)["eos_token"] == "</s>"
+
+
+def test_import_refuses_a_tokenizer_larger_than_the_vocabulary(hf_dirs, tmp_path):
+    shutil.copytree(hf_dirs["single"], tmp_path / "hf")
+    hf_word_tokenizer(tmp_path / "hf", extra_tokens=300)  # more ids than the model's 211 rows
+    with pytest.raises(ValueError, match=r"has \d+ ids .* but the model in .* has vocab_size=211"):
+        load_hf(str(tmp_path / "hf"))
 
 
 # ----------------------------------------------------------------------------- memory

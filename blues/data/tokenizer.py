@@ -10,6 +10,8 @@ Three kinds load through one call, `Tokenizer.load(name_or_path)`:
 - a tiktoken encoding by name (gpt2, cl100k_base, o200k_base, ...): found in TIKTOKEN_CACHE_DIR
   or downloaded; offline and missing, the error says which file to place where.
 - a trained tokenizer: a folder holding tokenizer.json + tokenizer.tiktoken, or either file.
+- a Hugging Face tokenizer.json (a folder holding one, or the file): read by content, not by name
+  (blues.data.hf_tokenizer.HFTokenizer, through the `tokenizers` library).
 
 Files written by `Tokenizer.save(directory)`:
 - tokenizer.tiktoken: one line per token, "<base64 bytes> <rank>", ranks 0..n-1 (tiktoken's format)
@@ -204,7 +206,8 @@ class Tokenizer:
     @classmethod
     def load(cls, name_or_path: str = "default") -> "Tokenizer":
         """A named tiktoken encoding, "default", a folder holding tokenizer.json, or a .json/.tiktoken file."""
-        if isinstance(name_or_path, Tokenizer):
+        from blues.data.hf_tokenizer import HFTokenizer
+        if isinstance(name_or_path, (Tokenizer, HFTokenizer)):
             return name_or_path
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise ValueError(f"tokenizer={name_or_path!r} must be a name or a path")
@@ -245,9 +248,12 @@ def _load_files(config_path: Optional[str], vocab_path: Optional[str]) -> Tokeni
             raise ValueError(f"tokenizer config {config_path!r} cannot be read: {e.strerror}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"tokenizer config {config_path!r} is not valid JSON: {e}") from None
+        from blues.data.hf_tokenizer import is_hf_tokenizer_json, load_hf_tokenizer
+        if is_hf_tokenizer_json(config) and vocab_path is None:
+            return load_hf_tokenizer(config_path)
         if not isinstance(config, dict) or "pattern" not in config or "special_tokens" not in config:
             raise ValueError(f"tokenizer config {config_path!r} lacks 'pattern' or 'special_tokens': "
-                             f"expected a tokenizer.json written by Tokenizer.save")
+                             f"expected a tokenizer.json written by Tokenizer.save, or a Hugging Face one")
         if vocab_path is None:
             vocab_path = os.path.join(os.path.dirname(config_path), config.get("vocab_file", VOCAB_FILE))
     assert vocab_path is not None

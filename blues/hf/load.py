@@ -11,6 +11,8 @@ import torch.nn as nn
 
 from blues.attention import RotaryEmbedding
 from blues.config import BluesConfig
+from blues.data.hf_tokenizer import HF_TOKENIZER_FILE
+from blues.data.tokenizer import Tokenizer, check_vocab
 from blues.hf.families import HF_CONFIG_NAME, Family, TensorMap, config_from_hf, family_of, tensor_map
 from blues.model import Blues, keep_shapes
 
@@ -202,8 +204,9 @@ def load_hf(hf_dir: str, dtype: Union[torch.dtype, str] = torch.float32, **overr
     Streams: the model is built on the meta device, given storage in `dtype` once, and filled
     tensor by tensor (expert by expert for stacked experts), so a bf16 import never holds an fp32
     copy. `overrides` replace config fields that do not change the weights' shapes (block_size, to
-    attend over less than Mixtral's 32k; attn_backend; ...). A tokenizer.json in the folder is not
-    read (yet). ValueError naming the field, file or tensor that is wrong."""
+    attend over less than Mixtral's 32k; attn_backend; ...). A tokenizer.json in the folder becomes
+    model.tokenizer (blues.data.hf_tokenizer; it must fit the vocabulary). ValueError naming the
+    field, file or tensor that is wrong."""
     dtype = resolve_dtype(dtype)
     d = _read_folder_config(hf_dir)
     if not _is_hf(d):
@@ -216,11 +219,16 @@ def load_hf(hf_dir: str, dtype: Union[torch.dtype, str] = torch.float32, **overr
         raise ValueError(f"moe_backend={config.moe.moe_backend!r}, ep_size={config.train.ep_size} cannot be "
                          "imported into: import builds the whole stacked model (moe_backend auto|torch|triton, "
                          "ep_size 1); blues-train --init_from splits it for expert parallelism")
+    tokenizer = None
+    if os.path.isfile(os.path.join(hf_dir, HF_TOKENIZER_FILE)):
+        tokenizer = Tokenizer.load(hf_dir)  # read by content: a Hugging Face tokenizer.json (or Blues')
+        check_vocab(tokenizer, config.model.vocab_size, what=f"model in {hf_dir!r}")
     with torch.device("meta"):
         model = Blues(config)
     plan, files = _plan(model, hf_dir, family_of(d))
     _materialise(model, dtype)
     _fill(model, plan, files)
+    model.tokenizer = tokenizer
     return model
 
 

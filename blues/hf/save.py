@@ -2,6 +2,7 @@
 express the model) that transformers loads with no custom code."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Callable, Optional, Union
@@ -12,6 +13,8 @@ from blues.common import atomic_write, atomic_write_json, fsync_dir, parse_bytes
 from blues.hf.families import HF_CONFIG_NAME, Family, config_to_hf, export_family, tensor_map
 from blues.hf.load import HF_INDEX_NAME, HF_WEIGHTS_NAME, resolve_dtype
 from blues.model import Blues
+
+log = logging.getLogger(__name__)
 
 
 def _export_tensors(model: Blues, family: Family,
@@ -63,7 +66,9 @@ def save_hf(model: Blues, out_dir: str, dtype: Union[torch.dtype, str, None] = N
     DeepSpeed's layer. capacity_factor is accepted: transformers drops no token, so outputs
     agree wherever Blues drops none either (Blues applies its capacity in evaluation too).
     The folder appears whole or not at all (written beside it, then renamed); an existing
-    non-empty out_dir is refused. A tokenizer is not written (yet)."""
+    non-empty out_dir is refused. The model's tokenizer is written when it is a Hugging Face one
+    (tokenizer.json and tokenizer_config.json, as it was imported); Blues' own tiktoken tokenizer has no
+    Hugging Face form here and is left out, with one log line."""
     config = model.config
     if config.train.ep_size != 1:
         raise ValueError(f"ep_size={config.train.ep_size} cannot be exported: this model holds 1/{config.train.ep_size}"
@@ -85,6 +90,7 @@ def save_hf(model: Blues, out_dir: str, dtype: Union[torch.dtype, str, None] = N
     try:
         _write_weights(tmp, tensors, groups)
         atomic_write_json(os.path.join(tmp, HF_CONFIG_NAME), hf_config, indent=2, sort_keys=True)
+        _write_tokenizer(model.tokenizer, tmp)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty (checked above): the rename below takes its place
         os.replace(tmp, out_dir)
@@ -92,6 +98,15 @@ def save_hf(model: Blues, out_dir: str, dtype: Union[torch.dtype, str, None] = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(os.path.dirname(os.path.abspath(out_dir)))
+
+
+def _write_tokenizer(tokenizer, folder: str) -> None:
+    from blues.data.hf_tokenizer import HFTokenizer
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save(folder)
+    elif tokenizer is not None:
+        log.info("tokenizer %r not exported: Blues' tiktoken tokenizer has no Hugging Face tokenizer.json form "
+                 "here; the folder holds the weights and config only", tokenizer.name)
 
 
 def _write_weights(folder: str, tensors: list[tuple[str, Callable[[], torch.Tensor], int]],
