@@ -156,17 +156,20 @@ class KVCache:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float = 0.0
-                     ) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float = 0.0,
+                     is_causal: bool = True) -> torch.Tensor:
     """q (B, H, T, Dh); k, v (B, G, S, Dh) with S >= T; query i sits at position S - T + i.
-    Returns (B, H, T, Dh)."""
+    Returns (B, H, T, Dh). is_causal=False lets every query see every key (the vision encoder's
+    bidirectional blocks)."""
     B, H, T, Dh = q.shape
     G, S = k.shape[1], k.shape[2]
     if backend == "flash":
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
-                              causal=True)  # bottom-right aligned causal mask when S > T
+                              causal=is_causal)  # bottom-right aligned causal mask when S > T
         return out.transpose(1, 2)
     if backend == "sdpa":
+        if not is_causal:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=True)
         if T == S:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
         # SDPA's is_causal aligns the mask top-left when T != S; decoding needs it bottom-right.
@@ -176,7 +179,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     k = k.repeat_interleave(H // G, dim=1)  # (B, H, S, Dh)
     v = v.repeat_interleave(H // G, dim=1)
     att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(Dh))  # (B, H, T, S)
-    att = att.masked_fill(~_bottom_right_mask(T, S, q.device), float("-inf"))
+    if is_causal:
+        att = att.masked_fill(~_bottom_right_mask(T, S, q.device), float("-inf"))
     att = torch.softmax(att, dim=-1)
     if dropout_p > 0:
         att = F.dropout(att, p=dropout_p)
@@ -191,9 +195,12 @@ def _bottom_right_mask(T: int, S: int, device) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    """Grouped-query attention; is_causal=False (the vision encoder) attends both ways, and a
+    forward given cos=None applies no RoPE (the encoder adds learned 2-D positions instead)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, is_causal: bool = True):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.is_causal = layer_idx, is_causal
         self.n_head, self.num_kv_heads, self.head_dim = cfg.n_head, cfg.num_kv_heads, cfg.head_dim
         D, bias = cfg.n_embd, cfg.attention_bias
         self.wq = nn.Linear(D, self.n_head * self.head_dim, bias=bias)
@@ -207,7 +214,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
                 kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)
@@ -215,11 +222,12 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, Dh)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, G, S, Dh)
         backend = resolve_attn_backend(self.attn_backend, x.device, x.dtype)
-        y = causal_attention(q, k, v, backend, self.dropout if self.training else 0.0)  # (B, H, T, Dh)
+        y = causal_attention(q, k, v, backend, self.dropout if self.training else 0.0, self.is_causal)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.wo(y))

@@ -63,6 +63,29 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+# ----------------------------------------------------------------------------- validation
+
+def require(cond: bool, name: str, value: Any, expected: str) -> None:
+    """ValueError "name=value is invalid: expected" unless `cond`: the one shape of a config error."""
+    if not cond:
+        raise ValueError(f"{name}={value!r} is invalid: {expected}")
+
+
+def positive_int(name: str, value: Any) -> None:
+    require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
+            "expected a positive integer")
+
+
+def non_negative(name: str, value: Any) -> None:
+    require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, name, value,
+            "expected a number >= 0")
+
+
+def probability(name: str, value: Any) -> None:
+    require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, name, value,
+            "expected a probability in [0, 1)")
+
+
 # ----------------------------------------------------------------------------- network
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -14,31 +14,14 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+from blues.common import non_negative, positive_int, probability, require
+from blues.vision.config import VisionConfig, num_image_tokens
+
 ATTN_BACKENDS = ("auto", "flash", "sdpa", "math")
 MOE_BACKENDS = ("auto", "torch", "triton", "deepspeed")
 ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
 QK_NORMS = ("none", "head")
 DTYPES = ("fp32", "bf16", "fp16")
-
-
-def _require(cond: bool, name: str, value: Any, expected: str) -> None:
-    if not cond:
-        raise ValueError(f"{name}={value!r} is invalid: {expected}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
-             "expected a positive integer")
-
-
-def _non_negative(name: str, value: Any) -> None:
-    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, name, value,
-             "expected a number >= 0")
-
-
-def _probability(name: str, value: Any) -> None:
-    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, name, value,
-             "expected a probability in [0, 1)")
 
 
 @dataclass
@@ -74,24 +57,24 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "num_kv_heads"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.head_dim is None:
-            _require(self.n_embd % self.n_head == 0, "n_embd", self.n_embd,
-                     f"must be divisible by n_head={self.n_head} (or set head_dim)")
+            require(self.n_embd % self.n_head == 0, "n_embd", self.n_embd,
+                    f"must be divisible by n_head={self.n_head} (or set head_dim)")
             self.head_dim = self.n_embd // self.n_head
-        _positive_int("head_dim", self.head_dim)
-        _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for RoPE")
-        _require(self.qk_norm in QK_NORMS, "qk_norm", self.qk_norm, f"expected one of {', '.join(QK_NORMS)}")
-        _require(isinstance(self.attention_bias, bool), "attention_bias", self.attention_bias,
-                 "expected true or false")
-        _require(self.num_kv_heads <= self.n_head and self.n_head % self.num_kv_heads == 0, "num_kv_heads",
-                 self.num_kv_heads, f"must divide n_head={self.n_head} (1 = MQA, n_head = MHA)")
-        _probability("dropout", self.dropout)
-        _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "expected a number > 0")
-        _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "expected a number > 0")
-        _require(self.init_std > 0, "init_std", self.init_std, "expected a number > 0")
-        _require(self.attn_backend in ATTN_BACKENDS, "attn_backend", self.attn_backend,
-                 f"expected one of {', '.join(ATTN_BACKENDS)}")
+        positive_int("head_dim", self.head_dim)
+        require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for RoPE")
+        require(self.qk_norm in QK_NORMS, "qk_norm", self.qk_norm, f"expected one of {', '.join(QK_NORMS)}")
+        require(isinstance(self.attention_bias, bool), "attention_bias", self.attention_bias,
+                "expected true or false")
+        require(self.num_kv_heads <= self.n_head and self.n_head % self.num_kv_heads == 0, "num_kv_heads",
+                self.num_kv_heads, f"must divide n_head={self.n_head} (1 = MQA, n_head = MHA)")
+        probability("dropout", self.dropout)
+        require(self.rope_theta > 0, "rope_theta", self.rope_theta, "expected a number > 0")
+        require(self.norm_eps > 0, "norm_eps", self.norm_eps, "expected a number > 0")
+        require(self.init_std > 0, "init_std", self.init_std, "expected a number > 0")
+        require(self.attn_backend in ATTN_BACKENDS, "attn_backend", self.attn_backend,
+                f"expected one of {', '.join(ATTN_BACKENDS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields, with head_dim None where it is derived (n_embd // n_head)."""
@@ -150,43 +133,43 @@ class MoEConfig:
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "expert_ffn_size", "moe_layer_freq"):
-            _positive_int(name, getattr(self, name))
-        _require(self.top_k <= self.num_experts, "top_k", self.top_k,
-                 f"must be <= num_experts={self.num_experts}")
+            positive_int(name, getattr(self, name))
+        require(self.top_k <= self.num_experts, "top_k", self.top_k,
+                f"must be <= num_experts={self.num_experts}")
         for name in ("router_noise_std", "aux_loss_coef", "z_loss_coef"):
-            _non_negative(name, getattr(self, name))
-        _require(self.router_score_func in ROUTER_SCORE_FUNCS, "router_score_func", self.router_score_func,
-                 f"expected one of {', '.join(ROUTER_SCORE_FUNCS)}")
+            non_negative(name, getattr(self, name))
+        require(self.router_score_func in ROUTER_SCORE_FUNCS, "router_score_func", self.router_score_func,
+                f"expected one of {', '.join(ROUTER_SCORE_FUNCS)}")
         if self.capacity_factor is not None:
-            _require(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0,
-                     "capacity_factor", self.capacity_factor, "expected a number > 0, or None for no token dropping")
-        _require(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0, "num_shared_experts",
-                 self.num_shared_experts, "expected an integer >= 0")
-        _require(isinstance(self.num_dense_layers, int) and self.num_dense_layers >= 0, "num_dense_layers",
-                 self.num_dense_layers, "expected an integer >= 0")
-        _probability("expert_dropout", self.expert_dropout)
+            require(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0,
+                    "capacity_factor", self.capacity_factor, "expected a number > 0, or None for no token dropping")
+        require(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0, "num_shared_experts",
+                self.num_shared_experts, "expected an integer >= 0")
+        require(isinstance(self.num_dense_layers, int) and self.num_dense_layers >= 0, "num_dense_layers",
+                self.num_dense_layers, "expected an integer >= 0")
+        probability("expert_dropout", self.expert_dropout)
         if self.dense_ffn_size is not None:
-            _positive_int("dense_ffn_size", self.dense_ffn_size)
-        _require(self.moe_backend in MOE_BACKENDS, "moe_backend", self.moe_backend,
-                 f"expected one of {', '.join(MOE_BACKENDS)}")
-        _require(isinstance(self.routed_scaling_factor, (int, float)) and self.routed_scaling_factor > 0,
-                 "routed_scaling_factor", self.routed_scaling_factor, "expected a number > 0 (1 = unscaled)")
-        _non_negative("balance_bias_rate", self.balance_bias_rate)
-        _require(isinstance(self.revive_dead_experts_after, int) and not isinstance(
+            positive_int("dense_ffn_size", self.dense_ffn_size)
+        require(self.moe_backend in MOE_BACKENDS, "moe_backend", self.moe_backend,
+                f"expected one of {', '.join(MOE_BACKENDS)}")
+        require(isinstance(self.routed_scaling_factor, (int, float)) and self.routed_scaling_factor > 0,
+                "routed_scaling_factor", self.routed_scaling_factor, "expected a number > 0 (1 = unscaled)")
+        non_negative("balance_bias_rate", self.balance_bias_rate)
+        require(isinstance(self.revive_dead_experts_after, int) and not isinstance(
             self.revive_dead_experts_after, bool) and self.revive_dead_experts_after >= 0,
             "revive_dead_experts_after", self.revive_dead_experts_after, "expected an integer >= 0 (0 = off)")
         if self.dense_layers is not None:
-            _require(isinstance(self.dense_layers, (list, tuple)) and all(
+            require(isinstance(self.dense_layers, (list, tuple)) and all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.dense_layers)
                 and len(set(self.dense_layers)) == len(self.dense_layers), "dense_layers", self.dense_layers,
                 "expected a list of distinct layer indices >= 0, or null")
             self.dense_layers = sorted(self.dense_layers)
-        _require(self.balance_bias_rate == 0 or self.moe_backend != "deepspeed", "balance_bias_rate",
-                 self.balance_bias_rate, "needs moe_backend=auto|torch|triton (DeepSpeed's gate has no selection "
-                 "bias): set moe_backend=torch or balance_bias_rate=0")
-        _require(self.revive_dead_experts_after == 0 or self.moe_backend != "deepspeed", "revive_dead_experts_after",
-                 self.revive_dead_experts_after, "needs moe_backend=auto|torch|triton (DeepSpeed's experts are not "
-                 "stacked tensors): set moe_backend=torch or revive_dead_experts_after=0")
+        require(self.balance_bias_rate == 0 or self.moe_backend != "deepspeed", "balance_bias_rate",
+                self.balance_bias_rate, "needs moe_backend=auto|torch|triton (DeepSpeed's gate has no selection "
+                "bias): set moe_backend=torch or balance_bias_rate=0")
+        require(self.revive_dead_experts_after == 0 or self.moe_backend != "deepspeed", "revive_dead_experts_after",
+                self.revive_dead_experts_after, "needs moe_backend=auto|torch|triton (DeepSpeed's experts are not "
+                "stacked tensors): set moe_backend=torch or revive_dead_experts_after=0")
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Most assignments one expert computes for a batch of `num_tokens` tokens, or None (no drop).
@@ -254,17 +237,17 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("micro_batch_size", "grad_accum", "max_steps", "ep_size", "eval_interval", "eval_steps",
                      "log_interval", "save_interval", "keep_last", "max_bad_steps"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            _non_negative(name, getattr(self, name))
-        _require(self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be <= lr={self.lr}")
-        _require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", self.warmup_steps,
-                 "expected an integer >= 0")
+            non_negative(name, getattr(self, name))
+        require(self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be <= lr={self.lr}")
+        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", self.warmup_steps,
+                "expected an integer >= 0")
         if self.lr_decay_steps is not None:
-            _positive_int("lr_decay_steps", self.lr_decay_steps)
+            positive_int("lr_decay_steps", self.lr_decay_steps)
         for name in ("beta1", "beta2"):
-            _probability(name, getattr(self, name))
-        _require(self.dtype in DTYPES, "dtype", self.dtype, f"expected one of {', '.join(DTYPES)}")
+            probability(name, getattr(self, name))
+        require(self.dtype in DTYPES, "dtype", self.dtype, f"expected one of {', '.join(DTYPES)}")
 
 
 def _coerce(name: str, value: Any, type_name: str) -> Any:
@@ -301,6 +284,8 @@ ARCHITECTURE_FIELDS = (
     "vocab_size", "n_layer", "n_head", "n_embd", "num_kv_heads", "tie_embeddings",
     "num_experts", "expert_ffn_size", "num_shared_experts", "moe_layer_freq", "num_dense_layers",
     "dense_ffn_size", "head_dim", "qk_norm", "attention_bias", "dense_layers",
+    "vision_enabled", "image_size", "patch_size", "vision_n_layer", "vision_n_head", "vision_n_embd",
+    "vision_ffn_size", "merge_patches",
 )
 
 
@@ -309,14 +294,17 @@ class BluesConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Off by default (blues.vision.config): a text-only config reads and builds as before."""
 
-    PARTS = ("model", "moe", "train")
+    PARTS = ("model", "moe", "train", "vision")
+    PART_CLASSES = (ModelConfig, MoEConfig, TrainConfig, VisionConfig)
 
     @classmethod
     def field_owner(cls) -> dict[str, str]:
         """Flat field name -> part that owns it."""
         owner = {}
-        for part, part_cls in (("model", ModelConfig), ("moe", MoEConfig), ("train", TrainConfig)):
+        for part, part_cls in zip(cls.PARTS, cls.PART_CLASSES):
             for f in fields(part_cls):
                 assert f.name not in owner, f"field {f.name} defined twice"
                 owner[f.name] = part
@@ -328,7 +316,7 @@ class BluesConfig:
         if not isinstance(d, dict):
             raise ValueError(f"config must be a mapping of field names to values, got {type(d).__name__}")
         owner = cls.field_owner()
-        types = {f.name: f.type for c in (ModelConfig, MoEConfig, TrainConfig) for f in fields(c)}
+        types = {f.name: f.type for c in cls.PART_CLASSES for f in fields(c)}
         parts: dict[str, dict[str, Any]] = {p: {} for p in cls.PARTS}
         flat: dict[str, Any] = {}
         for key, value in d.items():
@@ -352,8 +340,7 @@ class BluesConfig:
                 close = difflib.get_close_matches(key, list(owner) + list(ALIASES), n=1)
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ValueError(f"unknown config field(s): {', '.join(hints)}")
-        return cls(model=ModelConfig(**parts["model"]), moe=MoEConfig(**parts["moe"]),
-                   train=TrainConfig(**parts["train"]))
+        return cls(**{p: c(**parts[p]) for p, c in zip(cls.PARTS, cls.PART_CLASSES)})
 
     @classmethod
     def from_file(cls, path: str) -> "BluesConfig":
@@ -376,7 +363,7 @@ class BluesConfig:
     def to_dict(self) -> dict[str, Any]:
         """Flat field names -> values; `from_dict(to_dict())` gives an equal config."""
         out: dict[str, Any] = self.model.to_dict()
-        for part in ("moe", "train"):
+        for part in ("moe", "train", "vision"):
             out.update(dataclasses.asdict(getattr(self, part)))
         return out
 
@@ -409,11 +396,24 @@ class BluesConfig:
 
     def __post_init__(self):
         assert isinstance(self.model, ModelConfig) and isinstance(self.moe, MoEConfig)
-        _require(self.moe.num_experts % self.train.ep_size == 0, "ep_size", self.train.ep_size,
-                 f"must divide num_experts={self.moe.num_experts}")
+        require(self.moe.num_experts % self.train.ep_size == 0, "ep_size", self.train.ep_size,
+                f"must divide num_experts={self.moe.num_experts}")
         n = self.model.n_layer
-        _require(not self.moe.dense_layers or max(self.moe.dense_layers) < n, "dense_layers", self.moe.dense_layers,
-                 f"expected layer indices below n_layer={n}")
+        require(not self.moe.dense_layers or max(self.moe.dense_layers) < n, "dense_layers", self.moe.dense_layers,
+                f"expected layer indices below n_layer={n}")
+        if self.vision.vision_enabled:
+            self._check_vision()
+
+    def _check_vision(self) -> None:
+        """What the vision part needs of the text model: a placeholder id inside the vocabulary, and
+        room in block_size for one image span (<|image_start|>, the image tokens, <|image_end|>)."""
+        v, V = self.vision, self.model.vocab_size
+        require(v.image_token_id is None or v.image_token_id < V, "image_token_id", v.image_token_id,
+                f"must be below vocab_size={V} (the tokenizer with its image specials decides both)")
+        n = num_image_tokens(v)
+        require(n + 2 <= self.model.block_size, "image_size", v.image_size,
+                f"gives {n} image tokens (+2 for start/end) but block_size={self.model.block_size}: raise "
+                "block_size or patch_size, or set merge_patches=true")
 
 
 # ----------------------------------------------------------------------------- presets

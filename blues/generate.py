@@ -2,11 +2,15 @@
 
 Arguments follow Hugging Face's names (max_new_tokens, temperature, top_k, top_p,
 eos_token_id, use_cache); `output_len` (the Blues-01 name) is accepted for max_new_tokens.
+
+A vision model also takes `images=[...]` with one prompt: each image becomes the span
+<|image_start|> <|image|>*n <|image_end|>, put where the prompt text says <|image|> (one marker per
+image) or, when it says none, before the text; the span is prefilled once into the KV cache.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -70,17 +74,68 @@ def _normalise_prompt(prompt: Prompt, tokenizer) -> tuple[list[list[int]], str]:
     raise ValueError("prompt must be a string, a list of strings, a list of token ids, or a list of such lists")
 
 
+def _image_prompt(model, prompt, kind: str, ids: list[int], images, tokenizer) -> tuple[list[int], torch.Tensor]:
+    """(prompt ids with the image spans in place, pixels (M, 3, S, S)) for one prompt and its images."""
+    from blues.data.images import image_span_ids
+    from blues.vision.config import IMAGE, num_image_tokens
+    from blues.vision.images import to_pixels
+    vision = model.config.vision
+    if getattr(model, "vision", None) is None:
+        raise ValueError("images were given but the model is text-only (vision_enabled=false)")
+    if tokenizer is None and (kind == "str" or vision.image_token_id not in ids):
+        raise ValueError("a prompt with images needs the model's tokenizer (with its image tokens) to place the "
+                         "image spans: pass tokenizer=..., or token ids holding the spans already")
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        images = list(images)
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError("images must be a non-empty list of PIL images, HxWx3 uint8 arrays or (3, H, W) tensors")
+    pixels = torch.stack([to_pixels(im, vision.image_size) for im in images])  # (M, 3, S, S)
+    M, n = len(images), num_image_tokens(vision)
+    if kind == "str":
+        pieces = prompt.split(IMAGE)
+        if len(pieces) == 1:  # no marker: the images go before the text
+            pieces = [""] * M + pieces
+        elif len(pieces) - 1 != M:
+            raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE} marker(s) but {M} image(s): give one image per "
+                             f"marker, or no marker to put the images before the text")
+        span = image_span_ids(tokenizer, n)
+        ids = list(tokenizer.encode(pieces[0]))
+        for piece in pieces[1:]:
+            ids += span + list(tokenizer.encode(piece))
+    elif vision.image_token_id not in ids:  # token ids without placeholders: the spans go first
+        ids = image_span_ids(tokenizer, n) * M + list(ids)
+    placeholders = sum(t == vision.image_token_id for t in ids)
+    if placeholders != M * n:
+        raise ValueError(f"prompt has {placeholders} image placeholders but {M} image(s): each image fills {n} "
+                         f"{IMAGE} placeholders (expected {M * n})")
+    return ids, pixels.to(model.tok_emb.weight.device)
+
+
+def _check_no_image_marker(model, prompt, kind: str, seqs: list[list[int]], tokenizer) -> None:
+    """ValueError for a prompt that holds an image placeholder (or its text marker) but no image."""
+    from blues.vision.config import IMAGE
+    tid = model.config.vision.image_token_id
+    texts = [prompt] if kind == "str" else (list(prompt) if kind == "strs" else [])
+    has_marker = getattr(model, "vision", None) is not None and any(IMAGE in t for t in texts)
+    if has_marker or (tid is not None and any(tid in s for s in seqs)):
+        raise ValueError(f"prompt has an image placeholder ({IMAGE}) but no image: pass images=[...] (one per "
+                         "placeholder span), or remove the placeholder")
+
+
 @torch.no_grad()
 def _generate_ids(model, ids: list[list[int]], max_new_tokens: int, temperature: float, top_k, top_p,
-                  eos: set[int], generator, use_cache: bool) -> Iterator[torch.Tensor]:
-    """Yields the next token of every sequence, (B,) per step; sequences share one length."""
+                  eos: set[int], generator, use_cache: bool,
+                  images: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+    """Yields the next token of every sequence, (B,) per step; sequences share one length. With
+    images (M, 3, S, S) generation ends when the sequence fills block_size: a sliding window would
+    cut the image span."""
     device = model.tok_emb.weight.device
     block = model.config.model.block_size
     x = torch.tensor(ids, dtype=torch.long, device=device)  # (B, T)
     B = x.shape[0]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     cache = model.new_kv_cache(B) if use_cache else None
-    logits = model(x, kv_cache=cache).logits[:, -1]  # (B, V)
+    logits = model(x, kv_cache=cache, images=images).logits[:, -1]  # (B, V)
     seq = x
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -94,6 +149,10 @@ def _generate_ids(model, ids: list[list[int]], max_new_tokens: int, temperature:
             return
         if cache is not None and cache.pos < block:
             logits = model(nxt[:, None], kv_cache=cache).logits[:, -1]
+        elif images is not None:
+            if seq.shape[1] > block:
+                return
+            logits = model(seq, images=images).logits[:, -1]
         else:
             # No cache, or the context is full: recompute over the last block_size tokens.
             cache = None
@@ -104,7 +163,7 @@ def generate(model, prompt: Prompt, max_new_tokens: Optional[int] = None, *, tem
              top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_token_id: Union[int, Sequence[int], None] = None, seed: Optional[int] = None,
              stream: bool = False, use_cache: bool = True, tokenizer=None, output_len: Optional[int] = None,
-             on_token: Optional[Callable[[int], None]] = None):
+             on_token: Optional[Callable[[int], None]] = None, images: Optional[Sequence[Any]] = None):
     """Continue `prompt` with up to max_new_tokens sampled tokens.
 
     prompt: a string or list of strings (decoded text is returned), token ids (B=1) or a batch of
@@ -113,6 +172,8 @@ def generate(model, prompt: Prompt, max_new_tokens: Optional[int] = None, *, tem
     stream=True returns an iterator of new pieces (text for string prompts, ids otherwise; B=1), and
     calls on_token(id) with each new token as it is made (eos excluded): a text piece may hold several
     tokens, or wait for the next one to complete a character, so counting pieces does not count tokens.
+    images (vision models, one prompt): PIL images, HxWx3 uint8 arrays or (3, H, W) tensors, resized to
+    image_size; see the module docstring for where their spans go.
     """
     if on_token is not None and not stream:
         raise ValueError("on_token is called while streaming: pass stream=True with it")
@@ -123,6 +184,13 @@ def generate(model, prompt: Prompt, max_new_tokens: Optional[int] = None, *, tem
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     seqs, kind = _normalise_prompt(prompt, tokenizer)
+    pixels = None
+    if images is not None:
+        if len(seqs) != 1:
+            raise ValueError(f"images= goes with one prompt, got {len(seqs)} prompts")
+        seqs[0], pixels = _image_prompt(model, prompt, kind, seqs[0], images, tokenizer)
+    else:
+        _check_no_image_marker(model, prompt, kind, seqs, tokenizer)
     block, V = model.config.model.block_size, model.config.model.vocab_size
     for s in seqs:
         if len(s) == 0:
@@ -146,7 +214,7 @@ def generate(model, prompt: Prompt, max_new_tokens: Optional[int] = None, *, tem
             if len(seqs) != 1:
                 raise ValueError(f"stream=True takes one prompt, got {len(seqs)}")
             return _stream(model, seqs[0], kind, max_new_tokens, temperature, top_k, top_p, eos, generator,
-                           use_cache, tokenizer, was_training, on_token)
+                           use_cache, tokenizer, was_training, on_token, pixels)
         # Prompts of equal length run as one batch; different lengths run in groups of equal length
         # (no padding, so RoPE positions and the cache stay exact).
         results: list[list[int]] = [[] for _ in seqs]
@@ -156,7 +224,7 @@ def generate(model, prompt: Prompt, max_new_tokens: Optional[int] = None, *, tem
         for members in groups.values():
             done = [False] * len(members)
             for nxt in _generate_ids(model, [seqs[i] for i in members], max_new_tokens, temperature, top_k,
-                                     top_p, eos, generator, use_cache):
+                                     top_p, eos, generator, use_cache, pixels):
                 for j, tok in enumerate(nxt.tolist()):
                     if done[j]:
                         continue
@@ -177,12 +245,12 @@ def generate(model, prompt: Prompt, max_new_tokens: Optional[int] = None, *, tem
 
 
 def _stream(model, ids, kind, max_new_tokens, temperature, top_k, top_p, eos, generator, use_cache, tokenizer,
-            was_training, on_token):
+            was_training, on_token, pixels=None):
     try:
         new: list[int] = []
         emitted = ""
         for nxt in _generate_ids(model, [ids], max_new_tokens, temperature, top_k, top_p, eos, generator,
-                                 use_cache):
+                                 use_cache, pixels):
             tok = int(nxt[0])
             if tok in eos:
                 break

@@ -1,10 +1,12 @@
 """The Blues model: a decoder-only MoE transformer.
 
-Shapes: B batch, T tokens, D = n_embd, V vocabulary, E experts, L_moe MoE layers.
+Shapes: B batch, T tokens, D = n_embd, V vocabulary, E experts, L_moe MoE layers, M images.
 
 tok_emb -> n_layer x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> lm_head
 where attn is grouped-query attention with RoPE (heads of head_dim, optionally QK-normed and
 with biases) and mlp is an MoE layer, or a dense SwiGLU where MoEConfig.is_moe_layer says so.
+With vision_enabled, a vision tower (blues.vision.encoder) puts image tokens at the <|image|>
+placeholders of tok_emb's output and adds a modality embedding; they go through the same blocks.
 """
 from __future__ import annotations
 
@@ -91,6 +93,12 @@ class Blues(nn.Module):
         if mc.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.rope = RotaryEmbedding(mc.head_dim, mc.block_size, mc.rope_theta)
+        # Registered last, and only when on: a text-only model's parameters, their init and its
+        # state dict are what they were before vision existed.
+        self.vision = None
+        if config.vision.vision_enabled:
+            from blues.vision.encoder import VisionTower
+            self.vision = VisionTower(config)
         self.gradient_checkpointing = False
         self.tokenizer = None  # set by from_pretrained when the folder holds one
         self.apply(self._init_weights)
@@ -115,21 +123,34 @@ class Blues(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def gradient_checkpointing_enable(self) -> None:
-        """Recompute each block in backward instead of keeping its activations."""
-        self.gradient_checkpointing = True
+        """Recompute each block (the vision encoder's too) in backward instead of keeping its activations."""
+        self._set_gradient_checkpointing(True)
 
     def gradient_checkpointing_disable(self) -> None:
         """Keep activations again (the default)."""
-        self.gradient_checkpointing = False
+        self._set_gradient_checkpointing(False)
+
+    def _set_gradient_checkpointing(self, on: bool) -> None:
+        self.gradient_checkpointing = on
+        if self.vision is not None:
+            self.vision.encoder.gradient_checkpointing = on
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None) -> BluesOutput:
+                kv_cache: Optional[KVCache] = None, images: Optional[torch.Tensor] = None) -> BluesOutput:
+        """input_ids (B, T); targets (B, T), -1 where no loss is taken; images (M, 3, S, S) in [0, 1],
+        one per <|image|> span in row-major order (vision_enabled only)."""
         B, T = input_ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.model.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.model.block_size}")
         cos, sin = self.rope(start, T)
-        x = self.drop(self.tok_emb(input_ids))  # (B, T, D)
+        x = self.tok_emb(input_ids)  # (B, T, D)
+        if self.vision is not None:
+            x = self.vision(input_ids, x, images)  # (B, T, D): image tokens at the placeholders
+        elif images is not None:
+            raise ValueError("images were given to a text-only model (vision_enabled=false): load or train a "
+                             "vision model, or leave images out")
+        x = self.drop(x)
         aux, zl, counts, dropped, selected = [], [], [], [], []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and kv_cache is None:

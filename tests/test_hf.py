@@ -613,3 +613,11 @@ def test_load_weights_into_reads_a_blues_folder_and_refuses_other_shapes(tmp_pat
     assert torch.equal(off.tok_emb.weight, src.tok_emb.weight)
     with pytest.raises(ValueError, match=r"differs from .* in the weights' shapes: expert_ffn_size: 40 -> 24"):
         load_weights_into(Blues(src.config.replace(expert_ffn_size=24)), str(tmp_path / "m"))
+
+
+def test_export_refuses_a_vision_model(tmp_path):
+    model = Blues(blues_model().config.replace(vision_enabled=True, vocab_size=VOCAB, image_token_id=VOCAB - 1,
+                                               image_size=16, patch_size=8))
+    with pytest.raises(ValueError, match=r"vision_enabled=True \(it is a text-only model\)"):
+        save_hf(model, str(tmp_path / "hf"))
+    assert not os.path.exists(tmp_path / "hf")

@@ -20,11 +20,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lowest first. A module may import its own layer's modules (when no circle results) and lower layers.
 LAYERS = (
     ("blues.common",),
-    ("blues.config",),
+    ("blues.config", "blues.vision.config"),
     ("blues.data.sources",),
     ("blues.data", "blues.kernels"),
     ("blues.moe",),
-    ("blues.attention", "blues.model", "blues.generate"),
+    ("blues.attention", "blues.model", "blues.generate", "blues.vision"),
     ("blues.hf",),
     ("blues.prune", "blues.upcycle"),
     ("blues.train",),

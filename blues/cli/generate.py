@@ -3,6 +3,7 @@
     blues-generate --model out/model --prompt "The" [--max_new_tokens 100] [--temperature 0.8]
         [--top_k K] [--top_p P] [--seed S] [--no_cache] [--device cpu|cuda|cuda:1]
     blues-generate --model out/model --interactive [same settings]
+    blues-generate --model out/vl_model --image cat.png --prompt "a" (a vision model; --image repeats)
 
 --interactive is a prompt loop: each line is continued (no history: every answer starts from its own
 prompt), streamed as its tokens are made, then one line gives tokens/s (the new tokens over the
@@ -10,6 +11,9 @@ answer's wall-clock time, prompt included). Lines starting with / change the set
 answers: /temp 0.7, /top_p 0.9 (or off), /top_k 50 (or off), /max 200, /settings, /help; a bad value is
 one line and the loop goes on. Ctrl-C stops an answer; at the prompt, Ctrl-D or Ctrl-C ends the
 session with exit 0.
+
+--image PATH (vision models): the image's span goes where the prompt says <|image|>, or before the
+text; with --interactive every answer sees the images. An unreadable file is one line, exit 2.
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--model", required=True, help="folder with model.safetensors, config.json and the tokenizer "
                    "(blues-train writes out/model)")
     p.add_argument("--prompt", default=None, help="text to continue (required unless --interactive)")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image file for a vision model (repeat for several); its tokens go where the prompt "
+                   "says <|image|>, else before the text")
     p.add_argument("--interactive", action="store_true", help="a prompt loop that streams answers and reports "
                    "tokens/s; /temp, /top_p, /top_k, /max change the settings; Ctrl-D quits")
     p.add_argument("--max_new_tokens", "--output_len", type=int, default=100, dest="max_new_tokens")
@@ -100,7 +107,8 @@ def apply_command(settings: dict[str, Any], line: str) -> dict[str, Any]:
     return new
 
 
-def answer(model, prompt: str, settings: dict[str, Any], seed: Optional[int], use_cache: bool) -> str:
+def answer(model, prompt: str, settings: dict[str, Any], seed: Optional[int], use_cache: bool,
+           images: Optional[list] = None) -> str:
     """Stream the continuation of `prompt` to stdout; returns the tokens/s line."""
     from blues.generate import generate
     n = 0
@@ -113,7 +121,7 @@ def answer(model, prompt: str, settings: dict[str, Any], seed: Optional[int], us
     stopped = ""
     try:
         for piece in generate(model, prompt, **settings, seed=seed, stream=True, use_cache=use_cache,
-                              on_token=count):
+                              on_token=count, images=images):
             sys.stdout.write(piece)
             sys.stdout.flush()
     except KeyboardInterrupt:
@@ -122,7 +130,8 @@ def answer(model, prompt: str, settings: dict[str, Any], seed: Optional[int], us
     return f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s{stopped}]"
 
 
-def interactive(model, settings: dict[str, Any], seed: Optional[int], use_cache: bool) -> int:
+def interactive(model, settings: dict[str, Any], seed: Optional[int], use_cache: bool,
+                images: Optional[list] = None) -> int:
     """The prompt loop of --interactive; returns the exit code (0: Ctrl-D or Ctrl-C at the prompt)."""
     print(f"blues-generate: interactive, {describe_settings(settings)}\ncommands: {REPL_HELP}", flush=True)
     while True:
@@ -140,7 +149,7 @@ def interactive(model, settings: dict[str, Any], seed: Optional[int], use_cache:
                 settings = apply_command(settings, line)
                 print(describe_settings(settings), flush=True)
             else:
-                stats = answer(model, line, settings, seed, use_cache)
+                stats = answer(model, line, settings, seed, use_cache, images)
                 print(f"\n{stats}", flush=True)
         except ValueError as e:  # a bad setting or prompt (too long, ...): one line, the loop goes on
             print(f"blues-generate: error: {e}", file=sys.stderr, flush=True)
@@ -161,15 +170,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = Blues.from_pretrained(args.model, map_location=str(device))
         if model.tokenizer is None:
             raise ValueError(f"{args.model!r} holds no tokenizer (tokenizer.json): it cannot take a text prompt")
+        images = None
+        if args.image:
+            from blues.data.image_sources import load_image
+            if model.vision is None:
+                raise ValueError(f"--image needs a vision model; {args.model!r} is text-only (vision_enabled=false)")
+            size = model.config.vision.image_size
+            images = [torch.from_numpy(load_image(path, "--image", size, {})) for path in args.image]  # (3, S, S)
         if args.interactive:
             settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens)
             from blues.generate import check_sampling_args
             check_sampling_args(**settings)
-            return interactive(model, settings, args.seed, not args.no_cache)
+            return interactive(model, settings, args.seed, not args.no_cache, images)
         for piece in generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True,
-                              use_cache=not args.no_cache):
+                              use_cache=not args.no_cache, images=images):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -178,6 +178,7 @@ def _refusals(config: BluesConfig, family: Family) -> list[str]:
         (m.num_shared_experts != 0, "num_shared_experts", m.num_shared_experts, "it has no shared expert"),
         (m.router_score_func != "softmax", "router_score_func", m.router_score_func, "its router is a softmax"),
         (m.balance_bias_rate != 0, "balance_bias_rate", m.balance_bias_rate, "it has no expert-selection bias"),
+        (config.vision.vision_enabled, "vision_enabled", config.vision.vision_enabled, "it is a text-only model"),
     ]
     if family is MIXTRAL:
         checks += [

@@ -1,7 +1,8 @@
 """Build a DeepSpeed engine for a Blues config: small ordered steps, called from build_engine only,
 in this order (torchtitan style, one place, one order):
 
-    init_distributed -> validate (once per start) -> ensure_ep_groups -> prepare_data -> build_model
+    init_distributed -> validate (once per start) -> ensure_ep_groups -> prepare_data
+    -> apply_image_token_id -> build_model
     -> apply_init_from -> apply_ac -> apply_ep -> apply_zero3_leaf -> build_optimizer
     -> deepspeed.initialize -> seed_ranks -> build_loaders
 
@@ -75,18 +76,43 @@ def validate(cfg: BluesConfig, ds_config: dict, world_size: int) -> dict:
 
 def prepare_data(cfg: BluesConfig, rank: int):
     """(data meta, tokenizer) of cfg.train.data_dir; rank 0 prepares the built-in corpus there when
-    it holds no prepared data, the other ranks wait for it."""
-    from blues.data.prepare import ensure_prepared
+    it holds no prepared data (with vision_enabled, the built-in synthetic image-text set), the other
+    ranks wait for it."""
     from blues.data.tokenizer import Tokenizer, check_vocab
 
     d = cfg.train.data_dir
-    meta = ensure_prepared(d, progress=False) if rank == 0 else None
+    if cfg.vision.vision_enabled:
+        from blues.data.images import ensure_image_data
+
+        def ensure(**kw):
+            return ensure_image_data(d, cfg.vision, **kw)
+    else:
+        from blues.data.prepare import ensure_prepared
+
+        def ensure(**kw):
+            return ensure_prepared(d, **kw)
+    meta = ensure(progress=False) if rank == 0 else None
     barrier()
     if meta is None:
-        meta = ensure_prepared(d)  # prepared by rank 0 by now: this only reads its meta
+        meta = ensure()  # prepared by rank 0 by now: this only reads its meta
     tok = Tokenizer.load(d)
     check_vocab(tok, cfg.model.vocab_size, what="model")
     return meta, tok
+
+
+def apply_image_token_id(cfg: BluesConfig, tok) -> BluesConfig:
+    """cfg with image_token_id set from the tokenizer's <|image|> when it is None (vision only);
+    ValueError when the config names another id than the tokenizer's."""
+    if not cfg.vision.vision_enabled or tok is None:
+        return cfg
+    from blues.data.images import image_token_ids
+    image_id = image_token_ids(tok)[1]
+    if cfg.vision.image_token_id is None:
+        return cfg.replace(image_token_id=image_id)
+    if cfg.vision.image_token_id != image_id:
+        raise ValueError(f"image_token_id={cfg.vision.image_token_id} but the data's tokenizer has <|image|> = "
+                         f"{image_id}: set image_token_id={image_id} or null")
+    return cfg
 
 
 def build_model(cfg: BluesConfig):
@@ -183,12 +209,16 @@ def seed_ranks(cfg: BluesConfig, rank: int) -> None:
 
 
 def build_loaders(run: Run) -> None:
-    from blues.data.loader import TokenLoader
+    """Token loaders, or with vision_enabled image-text loaders ((x, y, images) batches)."""
     c, d = run.cfg, run.dist
+    if c.vision.vision_enabled:
+        from blues.data.images import ImageTextLoader as Loader
+    else:
+        from blues.data.loader import TokenLoader as Loader
     kw = dict(block_size=c.model.block_size, batch_size=c.train.micro_batch_size, seed=c.train.seed,
               rank=d.rank, world_size=d.world_size)
-    run.loader = TokenLoader(c.train.data_dir, "train", **kw)
-    run.val_loader = TokenLoader(c.train.data_dir, "val", **kw)
+    run.loader = Loader(c.train.data_dir, "train", **kw)
+    run.val_loader = Loader(c.train.data_dir, "val", **kw)
 
 
 def build_engine(cfg: BluesConfig, ds_config: Optional[dict] = None, *, with_data: bool = True,
@@ -218,6 +248,7 @@ def build_engine(cfg: BluesConfig, ds_config: Optional[dict] = None, *, with_dat
     meta = tok = None
     if with_data:
         meta, tok = prepare_data(cfg, dist.rank)
+        cfg = apply_image_token_id(cfg, tok)
     model = build_model(cfg)
     apply_init_from(model, init_from)
     apply_ac(model, cfg)

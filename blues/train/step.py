@@ -60,9 +60,33 @@ def _set_lr(engine, lr: float) -> None:
 
 
 def _random_batch(run: Run):
+    """Random tokens (B, T) and their shift; a vision model gets one image span per sample too (after
+    the first token) and random images (B, 3, S, S), so that probes see the image path's memory."""
     c = run.cfg
     x = torch.randint(0, c.model.vocab_size, (c.train.micro_batch_size, c.model.block_size + 1))  # (B, T+1)
-    return x[:, :-1], x[:, 1:]
+    v = c.vision
+    if not v.vision_enabled:
+        return x[:, :-1], x[:, 1:]
+    from blues.vision.config import num_image_tokens
+    n = num_image_tokens(v)
+    x[x == v.image_token_id] = 0
+    x[:, 1:1 + n] = v.image_token_id
+    y = x[:, 1:].clone()
+    y[:, :n] = -1  # no loss on the placeholders
+    return x[:, :-1], y, torch.rand(c.train.micro_batch_size, 3, v.image_size, v.image_size)
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(x, y) from a token loader or (x, y, images) from an image-text one -> (x, y, images or None)."""
+    return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
+
+
+def _forward(run: Run, batch):
+    """The engine's forward of one micro-batch on this rank's device (DeepSpeed passes keyword
+    arguments on to the model)."""
+    x, y, images = split_batch(batch)
+    dev = run.dist.device
+    return run.engine(x.to(dev), y.to(dev), images=None if images is None else images.to(dev))
 
 
 def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
@@ -85,10 +109,10 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
     sums = torch.zeros(6 + 2 * L * E, dtype=torch.float64)
     bad_at = None
     for micro in range(grad_accum):
-        x, y = get()
+        batch = get()
         if bad_at == 0:
             continue  # skipped step: consume the data, compute nothing
-        out = engine(x.to(dev), y.to(dev))
+        out = _forward(run, batch)
         nan_here = run.dist.rank == 0 and run.debug.nan_at(run.step + 1, micro)
         loss = out.loss * float("nan") if nan_here else out.loss
         flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device=dev)
@@ -150,10 +174,10 @@ def evaluate(run: Run) -> dict[str, float]:
     engine = run.engine
     engine.eval()
     s = torch.zeros(2, dtype=torch.float64)
-    for x, y in run.val_loader.eval_batches(run.cfg.train.eval_steps):
-        out = engine(x.to(run.dist.device), y.to(run.dist.device))
-        s[0] += out.ce_loss.item() * x.numel()
-        s[1] += x.numel()
+    for batch in run.val_loader.eval_batches(run.cfg.train.eval_steps):
+        out, n = _forward(run, batch), batch[0].numel()
+        s[0] += out.ce_loss.item() * n
+        s[1] += n
     engine.train()
     s = all_reduce(s.to(run.dist.device)).cpu()
     val = s[0].item() / max(1.0, s[1].item())
