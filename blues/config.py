@@ -453,7 +453,14 @@ def tiny() -> BluesConfig:
     )
 
 
-PRESETS = {"blues01": blues01, "tiny": tiny}
+def tiny_vl() -> BluesConfig:
+    """tiny with the vision tower on: 48 px images in 16 px patches (9 image tokens), the default tokenizer
+    plus the 3 image tokens (4099 ids), captions of the built-in shapes set in block 32 (benchmarks/vision.py)."""
+    return tiny().replace(vision_enabled=True, vocab_size=4099, image_size=48, patch_size=16, block_size=32,
+                          init_std=0.06, data_dir="data_vl", out_dir="out_vl")
+
+
+PRESETS = {"blues01": blues01, "tiny": tiny, "tiny_vl": tiny_vl}
 
 
 DEFAULT_PRESET = "tiny"
