@@ -202,10 +202,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx, self.is_causal = layer_idx, is_causal
         self.n_head, self.num_kv_heads, self.head_dim = cfg.n_head, cfg.num_kv_heads, cfg.head_dim
-        D, bias = cfg.n_embd, cfg.attention_bias
-        self.wq = nn.Linear(D, self.n_head * self.head_dim, bias=bias)
-        self.wk = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias)
-        self.wv = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias)
+        D, bias, qkv_bias = cfg.n_embd, cfg.attention_bias, cfg.attention_bias or cfg.qkv_bias
+        self.wq = nn.Linear(D, self.n_head * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(self.n_head * self.head_dim, D, bias=bias)
         # Per-head QK-norm (Qwen3-MoE): one (Dh,) weight shared by all heads, before RoPE.
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm == "head" else None

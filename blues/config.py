@@ -53,7 +53,9 @@ class ModelConfig:
     """none | head. head: RMSNorm (a weight of head_dim) on each query and key head, after the head
     split and before RoPE (Qwen3-MoE)."""
     attention_bias: bool = False
-    """Biases on the q, k, v and o projections (Qwen3-MoE's attention_bias)."""
+    """Biases on the q, k, v and o projections (Qwen3-MoE's and Llama's attention_bias)."""
+    qkv_bias: bool = False
+    """Biases on the q, k and v projections only (Qwen2-MoE's qkv_bias); attention_bias covers it."""
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "num_kv_heads"):
@@ -65,8 +67,10 @@ class ModelConfig:
         positive_int("head_dim", self.head_dim)
         require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for RoPE")
         require(self.qk_norm in QK_NORMS, "qk_norm", self.qk_norm, f"expected one of {', '.join(QK_NORMS)}")
-        require(isinstance(self.attention_bias, bool), "attention_bias", self.attention_bias,
-                "expected true or false")
+        for name in ("attention_bias", "qkv_bias"):
+            require(isinstance(getattr(self, name), bool), name, getattr(self, name), "expected true or false")
+        require(not (self.qkv_bias and self.attention_bias), "qkv_bias", self.qkv_bias,
+                "attention_bias=true biases q, k and v already: set qkv_bias=false")
         require(self.num_kv_heads <= self.n_head and self.n_head % self.num_kv_heads == 0, "num_kv_heads",
                 self.num_kv_heads, f"must divide n_head={self.n_head} (1 = MQA, n_head = MHA)")
         probability("dropout", self.dropout)
@@ -103,7 +107,12 @@ class MoEConfig:
     capacity_factor: Optional[float] = None
     """Capacity per expert = ceil(capacity_factor * tokens * top_k / num_experts); None drops no token."""
     num_shared_experts: int = 0
-    """Always-active SwiGLU experts added to every MoE layer's output."""
+    """Always-active SwiGLU experts added to every MoE layer's output (one SwiGLU of their total width)."""
+    shared_expert_ffn_size: Optional[int] = None
+    """Hidden size of the shared experts' SwiGLU; None = num_shared_experts * expert_ffn_size (Qwen2-MoE's
+    shared_expert_intermediate_size)."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by sigmoid(x @ w) per token, w a learned (D,) vector (Qwen2-MoE)."""
     expert_dropout: float = 0.0
     """Dropout on the experts' hidden activations (training only)."""
     moe_layer_freq: int = 1
@@ -145,6 +154,11 @@ class MoEConfig:
                     "capacity_factor", self.capacity_factor, "expected a number > 0, or None for no token dropping")
         require(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0, "num_shared_experts",
                 self.num_shared_experts, "expected an integer >= 0")
+        if self.shared_expert_ffn_size is not None:
+            positive_int("shared_expert_ffn_size", self.shared_expert_ffn_size)
+        require(self.num_shared_experts > 0 or (self.shared_expert_ffn_size is None and not self.shared_expert_gate),
+                "num_shared_experts", self.num_shared_experts,
+                "must be >= 1 when shared_expert_ffn_size or shared_expert_gate is set")
         require(isinstance(self.num_dense_layers, int) and self.num_dense_layers >= 0, "num_dense_layers",
                 self.num_dense_layers, "expected an integer >= 0")
         probability("expert_dropout", self.expert_dropout)
@@ -189,6 +203,13 @@ class MoEConfig:
         if layer_idx < self.num_dense_layers or (self.dense_layers and layer_idx in self.dense_layers):
             return False
         return (layer_idx - self.num_dense_layers) % self.moe_layer_freq == 0
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden size of the shared experts' SwiGLU (0: none)."""
+        if not self.num_shared_experts:
+            return 0
+        return self.shared_expert_ffn_size or self.num_shared_experts * self.expert_ffn_size
 
     @property
     def dense_hidden(self) -> int:
@@ -274,6 +295,7 @@ ALIASES = {
     "max_seq_len": "block_size",
     "first_k_dense": "num_dense_layers",
     "mlp_only_layers": "dense_layers",
+    "shared_expert_intermediate_size": "shared_expert_ffn_size",
     "batch_size": "micro_batch_size",
     "gradient_accumulation_steps": "grad_accum",
 }
@@ -283,7 +305,8 @@ ALIASES = {
 ARCHITECTURE_FIELDS = (
     "vocab_size", "n_layer", "n_head", "n_embd", "num_kv_heads", "tie_embeddings",
     "num_experts", "expert_ffn_size", "num_shared_experts", "moe_layer_freq", "num_dense_layers",
-    "dense_ffn_size", "head_dim", "qk_norm", "attention_bias", "dense_layers",
+    "dense_ffn_size", "head_dim", "qk_norm", "attention_bias", "qkv_bias", "dense_layers", "shared_expert_ffn_size",
+    "shared_expert_gate",
     "vision_enabled", "image_size", "patch_size", "vision_n_layer", "vision_n_head", "vision_n_embd",
     "vision_ffn_size", "merge_patches",
 )

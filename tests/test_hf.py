@@ -306,8 +306,11 @@ QWEN_NO = "Qwen3-MoE cannot express qk_norm='none' (Qwen3-MoE always norms each 
 
 
 @pytest.mark.parametrize("moe, message", [
-    ({"num_shared_experts": 1}, "Mixtral cannot express num_shared_experts=1 (it has no shared expert); "
-                                "Qwen3-MoE cannot express num_shared_experts=1 (it has no shared expert), qk_norm"),
+    ({"num_shared_experts": 1, "router_score_func": "sigmoid"},
+     "Mixtral cannot express router_score_func='sigmoid' (its router is a softmax), num_shared_experts=1 (it has no "
+     "shared expert); Qwen3-MoE cannot express router_score_func='sigmoid' (its router is a softmax), "
+     "num_shared_experts=1 (it has no shared expert), qk_norm='none' (Qwen3-MoE always norms each head); "
+     "Qwen2-MoE cannot express router_score_func='sigmoid' (its router is a softmax)"),
     ({"num_dense_layers": 1}, "Mixtral cannot express dense layers=[0] (every Mixtral layer is MoE); " + QWEN_NO),
     ({"moe_layer_freq": 2}, "Mixtral cannot express dense layers=[1] (every Mixtral layer is MoE); " + QWEN_NO),
     ({"router_score_func": "sigmoid"}, "Mixtral cannot express router_score_func='sigmoid' (its router is a softmax)"),
@@ -621,3 +624,84 @@ def test_export_refuses_a_vision_model(tmp_path):
     with pytest.raises(ValueError, match=r"vision_enabled=True \(it is a text-only model\)"):
         save_hf(model, str(tmp_path / "hf"))
     assert not os.path.exists(tmp_path / "hf")
+
+
+# ----------------------------------------------------------------------------- Qwen2-MoE
+# A gated shared expert, biases on q, k, v only, dense layers, top-k weights not renormalised.
+
+def tiny_qwen2_moe(**kw):
+    cfg = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=56, moe_intermediate_size=40,
+               shared_expert_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+               num_experts=4, num_experts_per_tok=2, max_position_embeddings=64, initializer_range=0.1,
+               mlp_only_layers=[1], norm_topk_prob=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**cfg)).eval()
+    with torch.no_grad():  # biases start at zero and norms at one: move them, so a dropped bias shows
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2") / "hf"
+    tiny_qwen2_moe().save_pretrained(path)
+    return str(path)
+
+
+def test_qwen2_moe_import_equals_transformers(qwen2_dir):
+    model = load_hf(qwen2_dir).eval()
+    mc, m = model.config.model, model.config.moe
+    assert (mc.qkv_bias, mc.attention_bias, mc.qk_norm) == (True, False, "none")
+    assert (m.num_shared_experts, m.shared_hidden, m.shared_expert_gate) == (1, 24, True)
+    assert m.dense_layers == [1] and m.norm_topk_prob is False and model.blocks[0].attn.wo.bias is None
+    _agrees_with_transformers(model, hf_load(qwen2_dir))
+
+
+def test_qwen2_moe_round_trip_gives_the_same_tensors(qwen2_dir, tmp_path):
+    save_hf(load_hf(qwen2_dir), str(tmp_path / "out"))
+    src, out = folder_tensors(qwen2_dir), folder_tensors(tmp_path / "out")
+    assert sorted(out) == sorted(src)
+    for name in src:
+        assert torch.equal(out[name], src[name]), name
+    hf = hf_load(tmp_path / "out")
+    assert type(hf).__name__ == "Qwen2MoeForCausalLM" and hf.config.shared_expert_intermediate_size == 24
+
+
+@pytest.mark.parametrize("gated", [pytest.param(True, id="gated (Qwen2-MoE's own)"),
+                                   pytest.param(False, id="ungated: a zero gate and a doubled down projection")])
+def test_blues_shared_experts_export_as_qwen2_moe(tmp_path, gated):
+    torch.manual_seed(0)
+    cfg = BluesConfig(model=ModelConfig(vocab_size=VOCAB, block_size=64, n_layer=2, n_head=4, n_embd=48,
+                                        num_kv_heads=2, init_std=0.1, qkv_bias=True),
+                      moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=40, num_shared_experts=2,
+                                    shared_expert_gate=gated))
+    model = Blues(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    save_hf(model, str(tmp_path / "hf"))
+    hf = hf_load(tmp_path / "hf")
+    assert type(hf).__name__ == "Qwen2MoeForCausalLM" and hf.config.shared_expert_intermediate_size == 80
+    _agrees_with_transformers(model, hf)
+    if not gated:
+        assert torch.equal(hf.model.layers[0].mlp.shared_expert_gate.weight, torch.zeros(1, 48))
+
+
+def test_qwen2_moe_refuses_what_it_cannot_express(tmp_path):
+    torch.manual_seed(0)
+    cfg = BluesConfig(model=ModelConfig(vocab_size=VOCAB, block_size=64, n_layer=2, n_head=4, n_embd=48,
+                                        num_kv_heads=2, attention_bias=True),
+                      moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=40, num_shared_experts=1))
+    with pytest.raises(ValueError, match=r"Qwen2-MoE cannot express attention_bias=True \(Qwen2-MoE's o projection"):
+        save_hf(Blues(cfg), str(tmp_path / "hf"))
+
+
+def test_config_validation_names_the_shared_expert_fields():
+    with pytest.raises(ValueError, match="num_shared_experts=0 is invalid: must be >= 1 when shared_expert_ffn_size"):
+        MoEConfig(shared_expert_ffn_size=32)
+    with pytest.raises(ValueError, match="qkv_bias=True is invalid: attention_bias=true biases q, k and v already"):
+        ModelConfig(attention_bias=True, qkv_bias=True)

@@ -19,6 +19,11 @@ Qwen3-MoE (model_type qwen3_moe) differs in:
   ...mlp.gate.weight (E, D)                               blocks.i.mlp.router.weight
   ...mlp.experts.e.{gate,up,down}_proj.weight             as w1, w3, w2 above
   ...mlp.{gate,up,down}_proj.weight (dense layers)        blocks.i.mlp.w_{gate,up,down}.weight (same layout)
+Qwen2-MoE (model_type qwen2_moe) is Qwen3-MoE without QK-norm, with biases on q, k, v only (qkv_bias)
+and a gated shared expert in every MoE layer:
+  ...mlp.shared_expert.{gate,up,down}_proj.weight         blocks.i.mlp.shared.w_{gate,up,down}.weight
+  ...mlp.shared_expert_gate.weight (1, D)                 blocks.i.mlp.shared_gate.weight (shared_expert_gate)
+  An ungated Blues shared expert exports exactly as a zero gate (sigmoid 0 = 1/2) and a doubled down projection.
 Llama (model_type llama, dense) is a Mixtral whose every layer is a dense SwiGLU:
   ...mlp.{gate,up,down}_proj.weight                       blocks.i.mlp.w_{gate,up,down}.weight (same layout)
   ...self_attn.{q,k,v,o}_proj.bias (attention_bias)       blocks.i.attn.w{q,k,v,o}.bias
@@ -60,8 +65,10 @@ MIXTRAL = Family("mixtral", "Mixtral", "MixtralForCausalLM", "block_sparse_moe",
 QWEN3_MOE = Family("qwen3_moe", "Qwen3-MoE", "Qwen3MoeForCausalLM", "mlp",
                    (("gate_proj.weight", "w_gate"), ("up_proj.weight", "w_up"), ("down_proj.weight", "w_down")),
                    1e4)
+QWEN2_MOE = Family("qwen2_moe", "Qwen2-MoE", "Qwen2MoeForCausalLM", "mlp", QWEN3_MOE.expert_weights, 1e4)
 LLAMA = Family("llama", "Llama", "LlamaForCausalLM", "mlp", (), 1e4, dense=True)
-FAMILIES = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE, LLAMA)}
+FAMILIES = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, LLAMA)}
+EXPORT_ORDER = (MIXTRAL, QWEN3_MOE, QWEN2_MOE)  # the first that expresses a model is written
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
@@ -97,7 +104,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> BluesConfig:
     if fam.dense:
         return _dense_config_from_hf(hf_config, fam)
     h = dict(hf_config)
-    if fam is QWEN3_MOE and h.get("num_experts") is None:  # transformers 5 saves it under Mixtral's name
+    if fam in (QWEN3_MOE, QWEN2_MOE) and h.get("num_experts") is None:  # transformers 5 saves it under Mixtral's name
         h["num_experts"] = h.get("num_local_experts")
     n_exp, f_exp = _expert_keys(fam)
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -113,12 +120,18 @@ def config_from_hf(hf_config: dict[str, Any]) -> BluesConfig:
                router_score_func="softmax", norm_topk_prob=True,
                aux_loss_coef=float(h.get("router_aux_loss_coef", 0.001)) * top_k, z_loss_coef=0.0,
                capacity_factor=None)
-    if fam is QWEN3_MOE:
+    if fam in (QWEN3_MOE, QWEN2_MOE):
         step = h.get("decoder_sparse_step", 1)
         dense = sorted(i for i in range(L) if i in (h.get("mlp_only_layers") or []) or (i + 1) % step != 0)
-        model.update(qk_norm="head", attention_bias=bool(h.get("attention_bias", False)))
         moe.update(norm_topk_prob=bool(h.get("norm_topk_prob", False)), dense_layers=dense or None,
                    dense_ffn_size=h["intermediate_size"])
+    if fam is QWEN3_MOE:
+        model.update(qk_norm="head", attention_bias=bool(h.get("attention_bias", False)))
+    if fam is QWEN2_MOE:
+        shared = h.get("shared_expert_intermediate_size") or 0
+        model.update(attention_bias=False, qkv_bias=bool(h.get("qkv_bias", True)))
+        if shared:
+            moe.update(num_shared_experts=1, shared_expert_ffn_size=shared, shared_expert_gate=True)
     return BluesConfig(model=ModelConfig(**model), moe=MoEConfig(**moe))
 
 
@@ -148,7 +161,7 @@ def _model_fields(h: dict[str, Any], fam: Family) -> dict[str, Any]:
                 norm_eps=float(h.get("rms_norm_eps", 1e-5 if fam is MIXTRAL else 1e-6)),
                 tie_embeddings=bool(h.get("tie_word_embeddings", False)),
                 init_std=float(h.get("initializer_range", 0.02)), head_dim=h.get("head_dim"),
-                attention_bias=bool(h.get("attention_bias", False)) if fam is not MIXTRAL else False)
+                attention_bias=bool(h.get("attention_bias", False)) if fam in (QWEN3_MOE, LLAMA) else False)
 
 
 def _dense_config_from_hf(h: dict[str, Any], fam: Family) -> BluesConfig:
@@ -175,11 +188,13 @@ def _refusals(config: BluesConfig, family: Family) -> list[str]:
     mc, m = config.model, config.moe
     dense = [i for i in range(mc.n_layer) if not m.is_moe_layer(i)]
     checks = [
-        (m.num_shared_experts != 0, "num_shared_experts", m.num_shared_experts, "it has no shared expert"),
         (m.router_score_func != "softmax", "router_score_func", m.router_score_func, "its router is a softmax"),
         (m.balance_bias_rate != 0, "balance_bias_rate", m.balance_bias_rate, "it has no expert-selection bias"),
         (config.vision.vision_enabled, "vision_enabled", config.vision.vision_enabled, "it is a text-only model"),
     ]
+    if family in (MIXTRAL, QWEN3_MOE):
+        checks += [(m.num_shared_experts != 0, "num_shared_experts", m.num_shared_experts, "it has no shared expert"),
+                   (mc.qkv_bias, "qkv_bias", mc.qkv_bias, "it biases q, k and v only together with o")]
     if family is MIXTRAL:
         checks += [
             (bool(dense), "dense layers", dense, "every Mixtral layer is MoE"),
@@ -187,16 +202,22 @@ def _refusals(config: BluesConfig, family: Family) -> list[str]:
             (mc.qk_norm != "none", "qk_norm", mc.qk_norm, "Mixtral has no QK-norm"),
             (mc.attention_bias, "attention_bias", mc.attention_bias, "Mixtral's projections have no bias"),
         ]
-    else:
+    elif family is QWEN3_MOE:
         checks.append((mc.qk_norm != "head", "qk_norm", mc.qk_norm, "Qwen3-MoE always norms each head"))
+    else:
+        checks += [
+            (m.num_shared_experts == 0, "num_shared_experts", m.num_shared_experts, "Qwen2-MoE always has one"),
+            (mc.qk_norm != "none", "qk_norm", mc.qk_norm, "Qwen2-MoE has no QK-norm"),
+            (mc.attention_bias, "attention_bias", mc.attention_bias, "Qwen2-MoE's o projection has no bias"),
+        ]
     return [f"{name}={value!r} ({why})" for bad, name, value, why in checks if bad]
 
 
 def export_family(config: BluesConfig) -> Family:
-    """The family save_hf writes: Mixtral where it expresses the model, else Qwen3-MoE; ValueError
-    naming each field that neither expresses."""
+    """The family save_hf writes: the first of Mixtral, Qwen3-MoE, Qwen2-MoE that expresses the model;
+    ValueError naming, for each, the fields it cannot express."""
     problems = {}
-    for fam in (MIXTRAL, QWEN3_MOE):
+    for fam in EXPORT_ORDER:
         problems[fam] = _refusals(config, fam)
         if not problems[fam]:
             return fam
@@ -232,9 +253,14 @@ def config_to_hf(config: BluesConfig, dtype: torch.dtype = torch.float32,
     if fam is MIXTRAL:
         out["router_jitter_noise"] = 0.0
     else:
-        out.update(intermediate_size=m.dense_hidden, attention_bias=mc.attention_bias, use_sliding_window=False,
+        out.update(intermediate_size=m.dense_hidden, use_sliding_window=False,
                    decoder_sparse_step=1, norm_topk_prob=m.norm_topk_prob,
                    mlp_only_layers=[i for i in range(mc.n_layer) if not m.is_moe_layer(i)])
+    if fam is QWEN3_MOE:
+        out["attention_bias"] = mc.attention_bias
+    if fam is QWEN2_MOE:
+        out.update(qkv_bias=mc.qkv_bias, shared_expert_intermediate_size=m.shared_hidden,
+                   max_window_layers=mc.n_layer)
     return out
 
 
@@ -261,8 +287,10 @@ def _dense_names(config: BluesConfig, is_moe: list[bool]) -> list[tuple[str, str
         p, b = f"model.layers.{i}.", f"blocks.{i}."
         out += [(p + "input_layernorm.weight", b + "attn_norm.weight"),
                 (p + "post_attention_layernorm.weight", b + "mlp_norm.weight")]
-        kinds = ("weight", "bias") if mc.attention_bias else ("weight",)
-        out += [(f"{p}self_attn.{x}_proj.{w}", f"{b}attn.w{x}.{w}") for x in "qkvo" for w in kinds]
+        for x in "qkvo":
+            biased = mc.attention_bias or (mc.qkv_bias and x != "o")
+            out += [(f"{p}self_attn.{x}_proj.{w}", f"{b}attn.w{x}.{w}") for w in (("weight", "bias") if biased
+                                                                                  else ("weight",))]
         if mc.qk_norm == "head":
             out += [(f"{p}self_attn.{x}_norm.weight", f"{b}attn.{x}_norm.weight") for x in "qk"]
         if not is_moe[i]:
@@ -289,6 +317,12 @@ def tensor_map(model, family: Family, hf_names: Optional[set[str]] = None) -> li
         p, b = f"model.layers.{i}.", f"blocks.{i}.mlp."
         moe = "mlp" if any(n.startswith(p + "mlp.") for n in names) else family.moe_prefix
         out.append(TensorMap(f"{p}{moe}.gate.weight", shapes[b + "router.weight"], b + "router.weight"))
+        if family is QWEN2_MOE and model.config.moe.num_shared_experts:
+            out += [TensorMap(f"{p}mlp.shared_expert.{x}_proj.weight", shapes[f"{b}shared.w_{x}.weight"],
+                              f"{b}shared.w_{x}.weight") for x in ("gate", "up", "down")]
+            if model.config.moe.shared_expert_gate:  # else save_hf writes a zero gate (see the module docstring)
+                out.append(TensorMap(f"{p}mlp.shared_expert_gate.weight", shapes[b + "shared_gate.weight"],
+                                     b + "shared_gate.weight"))
         D, F = shapes[b + "experts.w_gate"][1:]
         if f"{p}mlp.experts.gate_up_proj" in names or f"{p}mlp.experts.down_proj" in names:
             gu, dn = f"{p}mlp.experts.gate_up_proj", f"{p}mlp.experts.down_proj"

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from blues.common import atomic_write, atomic_write_json, fsync_dir, parse_bytes
-from blues.hf.families import HF_CONFIG_NAME, Family, config_to_hf, export_family, tensor_map
+from blues.hf.families import HF_CONFIG_NAME, QWEN2_MOE, Family, config_to_hf, export_family, tensor_map
 from blues.hf.load import HF_INDEX_NAME, HF_WEIGHTS_NAME, resolve_dtype
 from blues.model import Blues
 
@@ -23,10 +23,15 @@ def _export_tensors(model: Blues, family: Family,
     params = dict(model.named_parameters(remove_duplicate=False))
     # routed_scaling_factor s (the families have none): s * w * down(h) = w * (s * down)(h), folded into w_down.
     scale = model.config.moe.routed_scaling_factor
+    # An ungated shared expert in Qwen2-MoE's gated layout: a zero gate gives it sigmoid(0) = 1/2, so its
+    # down projection is doubled (exact in binary floating point).
+    ungated_qwen2 = family is QWEN2_MOE and not model.config.moe.shared_expert_gate
     out = []
     for t in tensor_map(model, family):
         p = params[t.blues_name] if t.expert is None else params[t.blues_name][t.expert]
         s = scale if t.blues_name.endswith("experts.w_down") else 1.0
+        if ungated_qwen2 and t.blues_name.endswith("mlp.shared.w_down.weight"):
+            s = 2.0
 
         def make(p=p, t=t, s=s):
             x = p.detach().T if t.transpose else p.detach()
@@ -37,6 +42,11 @@ def _export_tensors(model: Blues, family: Family,
         for s in t.hf_shape:
             n *= s
         out.append((t.hf_name, make, n * torch.finfo(dtype).bits // 8))
+    if ungated_qwen2:
+        D = model.config.model.n_embd
+        for i in model.config.moe_layer_ids():
+            out.append((f"model.layers.{i}.mlp.shared_expert_gate.weight",
+                        lambda: torch.zeros(1, D, dtype=dtype), D * torch.finfo(dtype).bits // 8))
     return out
 
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from blues.common import log_once
 from blues.config import BluesConfig
-from blues.moe.layer import MoEOutput, SwiGLU
+from blues.moe.layer import MoEOutput, build_shared_experts, shared_experts_output
 from blues.moe.routing import forced_targets
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class DeepSpeedMoE(nn.Module):
             top2_2nd_expert_sampling=noise and K == 2,
         )
         self._noise_top2 = noise and K == 2
-        self.shared = SwiGLU(D, m.num_shared_experts * Fh) if m.num_shared_experts else None
+        self.shared, self.shared_gate = build_shared_experts(m, D)
         self._init_local_experts(config)
         self._gate_seen: Optional[tuple] = None
         self.forced_skew: Optional[float] = None
@@ -238,7 +238,7 @@ class DeepSpeedMoE(nn.Module):
         if self.cfg.routed_scaling_factor != 1.0:  # the combine is linear in the weights: scaling its output is exact
             out = out * self.cfg.routed_scaling_factor
         if self.shared is not None:
-            out = out + self.shared(x)
+            out = out + shared_experts_output(self.shared, self.shared_gate, x)
         selected = exp_counts.to(device=counts.device, dtype=counts.dtype)  # (E,) before the capacity cut
         return MoEOutput(out, aux, zl, counts, dropped, selected)
 

@@ -77,6 +77,20 @@ class Experts(nn.Module):
         p.copy_(full.normal_(0.0, std)[self.first:self.first + p.shape[0]])
 
 
+def build_shared_experts(m: MoEConfig, D: int) -> tuple[Optional[nn.Module], Optional[nn.Linear]]:
+    """The shared experts of an MoE layer: one SwiGLU of m.shared_hidden, and with shared_expert_gate its
+    (1, D) sigmoid gate (Qwen2-MoE); (None, None) without shared experts."""
+    if not m.num_shared_experts:
+        return None, None
+    return SwiGLU(D, m.shared_hidden), (nn.Linear(D, 1, bias=False) if m.shared_expert_gate else None)
+
+
+def shared_experts_output(shared: nn.Module, gate: Optional[nn.Linear], x: torch.Tensor) -> torch.Tensor:
+    """shared(x), scaled per token by sigmoid(gate(x)) when gated. x (N, D) -> (N, D)."""
+    y = shared(x)
+    return y if gate is None else torch.sigmoid(gate(x)) * y
+
+
 class MoE(nn.Module):
     def __init__(self, config: BluesConfig):
         super().__init__()
@@ -90,7 +104,7 @@ class MoE(nn.Module):
                                self.ep.ep_rank if self.ep is not None else 0)
         # Under activation checkpointing the recompute reuses the forward's split plan (one host read per step).
         self.plan_replay: Optional[PlanReplay] = PlanReplay() if self.ep is not None else None
-        self.shared = SwiGLU(D, m.num_shared_experts * m.expert_ffn_size) if m.num_shared_experts else None
+        self.shared, self.shared_gate = build_shared_experts(m, D)
         # Selection-only bias (DeepSeek-V3 balancing); zero unless a training loop adjusts it.
         self.register_buffer("selection_bias", torch.zeros(m.num_experts), persistent=False)
         # On whenever balance_bias_rate > 0, in training and generation alike; blues.train.balance moves
@@ -157,7 +171,7 @@ class MoE(nn.Module):
                 h = F.dropout(h, p=p_drop)
             out = ops.moe_grouped_down_combine(h, idx.expert_offsets, ex.w_down, idx.inverse, weights)  # (N, D)
         if self.shared is not None:
-            out = out + self.shared(xf)
+            out = out + shared_experts_output(self.shared, self.shared_gate, xf)
         counts = idx.expert_offsets[1:] - idx.expert_offsets[:-1]  # (E,)
         return MoEOutput(out.view(B, T, D), aux, zl, counts, dropped, r.counts)
 

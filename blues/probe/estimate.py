@@ -70,7 +70,7 @@ def estimate_memory(cfg: BluesConfig, ds: dict, world_size: int, micro_batch: in
     attn = 2 * D * q + 2 * D * kv + 2 * D  # wq + wo, wk + wv, two norms
     dense_mlp = 3 * D * moe.dense_hidden
     expert = 3 * D * Fh
-    shared = 3 * D * moe.num_shared_experts * Fh
+    shared = 3 * D * moe.shared_hidden + (D if moe.shared_expert_gate else 0)
     psi_dense = V * D * (1 if m.tie_embeddings else 2) + D + L * attn + n_dense * dense_mlp \
         + n_moe * (E * D + shared)
     psi_exp = n_moe * E * expert / ep  # this rank's experts
@@ -101,7 +101,7 @@ def estimate_memory(cfg: BluesConfig, ds: dict, world_size: int, micro_batch: in
     else:
         per_tok_moe = K * (3 * D + 4 * Fh) + 3 * E + 2 * D
     per_tok_dense = 4 * moe.dense_hidden + 2 * D
-    per_tok_shared = 4 * moe.num_shared_experts * Fh if moe.num_shared_experts else 0
+    per_tok_shared = 4 * moe.shared_hidden
     layer_elems = [per_tok_attn + (per_tok_moe + per_tok_shared if i in moe_layers else per_tok_dense)
                    for i in range(L)]
     if t.gradient_checkpointing:
