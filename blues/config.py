@@ -245,6 +245,10 @@ class TrainConfig:
     ep_size: int = 1
     """Expert-parallel group size: experts are split over this many ranks."""
     gradient_checkpointing: bool = False
+    freeze_router: bool = False
+    """Keep every MoE layer's router weights as they are (fine-tuning a trained MoE: the experts adapt,
+    the routing does not move); they leave the optimizer. Refused with balance_bias_rate > 0 or dead-expert
+    revival, which move the routing themselves."""
     seed: int = 1337
     eval_interval: int = 100
     eval_steps: int = 20
@@ -424,6 +428,11 @@ class BluesConfig:
         n = self.model.n_layer
         require(not self.moe.dense_layers or max(self.moe.dense_layers) < n, "dense_layers", self.moe.dense_layers,
                 f"expected layer indices below n_layer={n}")
+        if self.train.freeze_router:
+            for name in ("balance_bias_rate", "revive_dead_experts_after"):
+                require(not getattr(self.moe, name), "freeze_router", True,
+                        f"keeps the routing fixed, but {name}={getattr(self.moe, name)} moves it: set {name}=0 or "
+                        "freeze_router=false")
         if self.vision.vision_enabled:
             self._check_vision()
 

@@ -69,7 +69,7 @@ TAG_RE = re.compile(r"^step_(\d{8,})$")
 # Settings that are not weight shapes but still fix the checkpoint's layout: DeepSpeed cannot
 # load its partitions under another value. (ep_size is not one: a resume at another ep_size or world
 # size goes through blues.train.reshard, refused there where it cannot work.)
-LAYOUT_FIELDS = ("dtype",)
+LAYOUT_FIELDS = ("dtype", "freeze_router")
 
 
 def tag_for(step: int) -> str:

@@ -3,7 +3,7 @@ in this order (torchtitan style, one place, one order):
 
     init_distributed -> validate (once per start) -> ensure_ep_groups -> prepare_data
     -> apply_image_token_id -> build_model
-    -> apply_init_from -> apply_ac -> apply_ep -> apply_zero3_leaf -> build_optimizer
+    -> apply_init_from -> apply_freeze -> apply_ac -> apply_ep -> apply_zero3_leaf -> build_optimizer
     -> deepspeed.initialize -> seed_ranks -> build_loaders
 
 The expert-parallel groups exist before the model, so that each MoE layer keeps its own experts'
@@ -135,6 +135,20 @@ def apply_init_from(model, init_from: Optional[str]) -> None:
     log.info("weights from %s", init_from)
 
 
+def apply_freeze(model, cfg: BluesConfig) -> None:
+    """freeze_router: every MoE layer's router weights stop taking gradients (and so leave the optimizer
+    groups build_optimizer makes): the stacked layers' router, DeepSpeed's gate under moe_backend=deepspeed."""
+    if not cfg.train.freeze_router:
+        return
+    n = 0
+    for name, p in model.named_parameters():
+        if name.endswith(("mlp.router.weight", "deepspeed_moe.gate.wg.weight")):
+            p.requires_grad_(False)
+            n += 1
+    assert n == len(cfg.moe_layer_ids()), (n, cfg.moe_layer_ids())
+    log.info("freeze_router: %d router weight(s) frozen", n)
+
+
 def apply_ac(model, cfg: BluesConfig) -> None:
     """Activation checkpointing: recompute each block in backward."""
     if cfg.train.gradient_checkpointing:
@@ -251,6 +265,7 @@ def build_engine(cfg: BluesConfig, ds_config: Optional[dict] = None, *, with_dat
         cfg = apply_image_token_id(cfg, tok)
     model = build_model(cfg)
     apply_init_from(model, init_from)
+    apply_freeze(model, cfg)
     apply_ac(model, cfg)
     apply_ep(model, cfg, ep, stage)
     apply_zero3_leaf(model, stage)
