@@ -207,9 +207,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(self.n_head * self.head_dim, D, bias=bias)
-        # Per-head QK-norm (Qwen3-MoE): one (Dh,) weight shared by all heads, before RoPE.
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm == "head" else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm == "head" else None
+        # QK-norm before RoPE: per head (Qwen3-MoE), one (Dh,) weight shared by all heads; or over the full
+        # projection (OLMoE), weights of (H*Dh,) and (G*Dh,).
+        q_width, k_width = ((self.head_dim, self.head_dim) if cfg.qk_norm == "head" else
+                            (self.n_head * self.head_dim, self.num_kv_heads * self.head_dim))
+        self.qk_norm = cfg.qk_norm
+        self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm != "none" else None
+        self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm != "none" else None
+        self.clip_qkv = cfg.clip_qkv
         self.attn_backend = cfg.attn_backend
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -217,10 +222,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
                 kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
-        k = self.wk(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # (B, T, H*Dh), (B, T, G*Dh) x 2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:  # OLMoE: after the full-width norm
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -20,7 +20,7 @@ from blues.vision.config import VisionConfig, num_image_tokens
 ATTN_BACKENDS = ("auto", "flash", "sdpa", "math")
 MOE_BACKENDS = ("auto", "torch", "triton", "deepspeed")
 ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
-QK_NORMS = ("none", "head")
+QK_NORMS = ("none", "head", "full")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -50,8 +50,10 @@ class ModelConfig:
     resolved here, and to_dict writes None again where it equals n_embd // n_head, so that a config
     with another n_embd derives its own."""
     qk_norm: str = "none"
-    """none | head. head: RMSNorm (a weight of head_dim) on each query and key head, after the head
-    split and before RoPE (Qwen3-MoE)."""
+    """none | head | full, before RoPE. head: RMSNorm (a weight of head_dim) on each query and key head
+    (Qwen3-MoE); full: RMSNorm over the whole query and key projections (OLMoE)."""
+    clip_qkv: Optional[float] = None
+    """Clamp the q, k, v projections to [-clip_qkv, clip_qkv] (OLMoE; after a full-width QK-norm)."""
     attention_bias: bool = False
     """Biases on the q, k, v and o projections (Qwen3-MoE's and Llama's attention_bias)."""
     qkv_bias: bool = False
@@ -67,6 +69,9 @@ class ModelConfig:
         positive_int("head_dim", self.head_dim)
         require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for RoPE")
         require(self.qk_norm in QK_NORMS, "qk_norm", self.qk_norm, f"expected one of {', '.join(QK_NORMS)}")
+        if self.clip_qkv is not None:
+            require(isinstance(self.clip_qkv, (int, float)) and self.clip_qkv > 0, "clip_qkv", self.clip_qkv,
+                    "expected a number > 0, or null for no clamp")
         for name in ("attention_bias", "qkv_bias"):
             require(isinstance(getattr(self, name), bool), name, getattr(self, name), "expected true or false")
         require(not (self.qkv_bias and self.attention_bias), "qkv_bias", self.qkv_bias,

@@ -252,8 +252,8 @@ def _edited_copy(src, dst, **config_changes):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "olmoe"}, "model_type='olmoe' in config.json is not supported: expected one of mixtral, "
-                              "qwen3_moe"),
+    ({"model_type": "gpt2"}, "model_type='gpt2' in config.json is not supported: expected one of mixtral, "
+                             "qwen3_moe, qwen2_moe, olmoe, llama"),
     ({"sliding_window": 16}, "sliding_window=16 cannot be expressed"),
     # Blues has an explicit head_dim now: a config that names another one than the weights' is a shape error
     ({"head_dim": 16}, "tensor 'model.layers.0.self_attn.k_proj.weight' has shape (24, 48) in"),
@@ -705,3 +705,52 @@ def test_config_validation_names_the_shared_expert_fields():
         MoEConfig(shared_expert_ffn_size=32)
     with pytest.raises(ValueError, match="qkv_bias=True is invalid: attention_bias=true biases q, k and v already"):
         ModelConfig(attention_bias=True, qkv_bias=True)
+
+
+# ----------------------------------------------------------------------------- OLMoE
+# QK-norm over the whole q and k projections, clip_qkv, biases on every projection, every layer MoE.
+
+def tiny_olmoe(**kw):
+    cfg = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+               initializer_range=0.1, attention_bias=True, clip_qkv=0.6, norm_topk_prob=False, bos_token_id=None,
+               eos_token_id=None, pad_token_id=None)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    model = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**cfg)).eval()
+    with torch.no_grad():  # norms start at one and biases at zero: move them, so a swapped q/k norm shows
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def olmoe_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("olmoe") / "hf"
+    tiny_olmoe().save_pretrained(path)
+    return str(path)
+
+
+def test_olmoe_import_equals_transformers(olmoe_dir):
+    model = load_hf(olmoe_dir).eval()
+    mc, m = model.config.model, model.config.moe
+    assert (mc.qk_norm, mc.clip_qkv, mc.attention_bias, m.expert_ffn_size, m.norm_topk_prob) == \
+        ("full", 0.6, True, 40, False)
+    assert model.blocks[0].attn.k_norm.weight.shape == (2 * 12,)  # over the whole key projection
+    x = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():  # the clamp bites here: without it the logits move past ATOL
+        unclipped = Blues(model.config.replace(clip_qkv=None)).eval()
+        unclipped.load_state_dict(model.state_dict())
+        assert (unclipped(x).logits - model(x).logits).abs().max() > 10 * ATOL
+    _agrees_with_transformers(model, hf_load(olmoe_dir))
+
+
+def test_olmoe_round_trip_gives_the_same_tensors(olmoe_dir, tmp_path):
+    save_hf(load_hf(olmoe_dir), str(tmp_path / "out"))
+    src, out = folder_tensors(olmoe_dir), folder_tensors(tmp_path / "out")
+    assert sorted(out) == sorted(src)
+    for name in src:
+        assert torch.equal(out[name], src[name]), name
+    hf = hf_load(tmp_path / "out")
+    assert type(hf).__name__ == "OlmoeForCausalLM" and hf.config.clip_qkv == 0.6

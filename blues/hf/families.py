@@ -24,6 +24,9 @@ and a gated shared expert in every MoE layer:
   ...mlp.shared_expert.{gate,up,down}_proj.weight         blocks.i.mlp.shared.w_{gate,up,down}.weight
   ...mlp.shared_expert_gate.weight (1, D)                 blocks.i.mlp.shared_gate.weight (shared_expert_gate)
   An ungated Blues shared expert exports exactly as a zero gate (sigmoid 0 = 1/2) and a doubled down projection.
+OLMoE (model_type olmoe) is Qwen3-MoE's layout with every layer MoE, experts of intermediate_size, QK-norm
+over the whole q and k projections (qk_norm=full: weights (H*Dh,) and (G*Dh,)) and clip_qkv:
+  ...self_attn.{q,k}_norm.weight (H*Dh,), (G*Dh,)         blocks.i.attn.{q,k}_norm.weight
 Llama (model_type llama, dense) is a Mixtral whose every layer is a dense SwiGLU:
   ...mlp.{gate,up,down}_proj.weight                       blocks.i.mlp.w_{gate,up,down}.weight (same layout)
   ...self_attn.{q,k,v,o}_proj.bias (attention_bias)       blocks.i.attn.w{q,k,v,o}.bias
@@ -66,9 +69,10 @@ QWEN3_MOE = Family("qwen3_moe", "Qwen3-MoE", "Qwen3MoeForCausalLM", "mlp",
                    (("gate_proj.weight", "w_gate"), ("up_proj.weight", "w_up"), ("down_proj.weight", "w_down")),
                    1e4)
 QWEN2_MOE = Family("qwen2_moe", "Qwen2-MoE", "Qwen2MoeForCausalLM", "mlp", QWEN3_MOE.expert_weights, 1e4)
+OLMOE = Family("olmoe", "OLMoE", "OlmoeForCausalLM", "mlp", QWEN3_MOE.expert_weights, 1e4)
 LLAMA = Family("llama", "Llama", "LlamaForCausalLM", "mlp", (), 1e4, dense=True)
-FAMILIES = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, LLAMA)}
-EXPORT_ORDER = (MIXTRAL, QWEN3_MOE, QWEN2_MOE)  # the first that expresses a model is written
+FAMILIES = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, LLAMA)}
+EXPORT_ORDER = (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE)  # the first that expresses a model is written
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
@@ -84,8 +88,9 @@ def family_of(hf_config: dict[str, Any]) -> Family:
 
 def _expert_keys(family: Family) -> tuple[str, str]:
     """(number of experts, expert hidden size) as the family's config names them."""
-    return ("num_local_experts", "intermediate_size") if family is MIXTRAL else ("num_experts",
-                                                                                "moe_intermediate_size")
+    if family is MIXTRAL:
+        return "num_local_experts", "intermediate_size"
+    return "num_experts", ("intermediate_size" if family is OLMOE else "moe_intermediate_size")
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> BluesConfig:
@@ -127,6 +132,9 @@ def config_from_hf(hf_config: dict[str, Any]) -> BluesConfig:
                    dense_ffn_size=h["intermediate_size"])
     if fam is QWEN3_MOE:
         model.update(qk_norm="head", attention_bias=bool(h.get("attention_bias", False)))
+    if fam is OLMOE:
+        model.update(qk_norm="full", clip_qkv=h.get("clip_qkv"))
+        moe.update(norm_topk_prob=bool(h.get("norm_topk_prob", False)))
     if fam is QWEN2_MOE:
         shared = h.get("shared_expert_intermediate_size") or 0
         model.update(attention_bias=False, qkv_bias=bool(h.get("qkv_bias", True)))
@@ -161,7 +169,7 @@ def _model_fields(h: dict[str, Any], fam: Family) -> dict[str, Any]:
                 norm_eps=float(h.get("rms_norm_eps", 1e-5 if fam is MIXTRAL else 1e-6)),
                 tie_embeddings=bool(h.get("tie_word_embeddings", False)),
                 init_std=float(h.get("initializer_range", 0.02)), head_dim=h.get("head_dim"),
-                attention_bias=bool(h.get("attention_bias", False)) if fam in (QWEN3_MOE, LLAMA) else False)
+                attention_bias=bool(h.get("attention_bias", False)) if fam in (QWEN3_MOE, OLMOE, LLAMA) else False)
 
 
 def _dense_config_from_hf(h: dict[str, Any], fam: Family) -> BluesConfig:
@@ -192,18 +200,23 @@ def _refusals(config: BluesConfig, family: Family) -> list[str]:
         (m.balance_bias_rate != 0, "balance_bias_rate", m.balance_bias_rate, "it has no expert-selection bias"),
         (config.vision.vision_enabled, "vision_enabled", config.vision.vision_enabled, "it is a text-only model"),
     ]
-    if family in (MIXTRAL, QWEN3_MOE):
+    if family is not QWEN2_MOE:
         checks += [(m.num_shared_experts != 0, "num_shared_experts", m.num_shared_experts, "it has no shared expert"),
                    (mc.qkv_bias, "qkv_bias", mc.qkv_bias, "it biases q, k and v only together with o")]
+    if family in (MIXTRAL, OLMOE):
+        checks.append((bool(dense), "dense layers", dense, f"every {family.title} layer is MoE"))
+    if family is not OLMOE:
+        checks.append((mc.clip_qkv is not None, "clip_qkv", mc.clip_qkv, f"{family.title} clamps nothing"))
     if family is MIXTRAL:
         checks += [
-            (bool(dense), "dense layers", dense, "every Mixtral layer is MoE"),
             (not m.norm_topk_prob, "norm_topk_prob", m.norm_topk_prob, "Mixtral renormalises the top-k weights"),
             (mc.qk_norm != "none", "qk_norm", mc.qk_norm, "Mixtral has no QK-norm"),
             (mc.attention_bias, "attention_bias", mc.attention_bias, "Mixtral's projections have no bias"),
         ]
     elif family is QWEN3_MOE:
         checks.append((mc.qk_norm != "head", "qk_norm", mc.qk_norm, "Qwen3-MoE always norms each head"))
+    elif family is OLMOE:
+        checks.append((mc.qk_norm != "full", "qk_norm", mc.qk_norm, "OLMoE always norms the whole q and k"))
     else:
         checks += [
             (m.num_shared_experts == 0, "num_shared_experts", m.num_shared_experts, "Qwen2-MoE always has one"),
@@ -256,8 +269,12 @@ def config_to_hf(config: BluesConfig, dtype: torch.dtype = torch.float32,
         out.update(intermediate_size=m.dense_hidden, use_sliding_window=False,
                    decoder_sparse_step=1, norm_topk_prob=m.norm_topk_prob,
                    mlp_only_layers=[i for i in range(mc.n_layer) if not m.is_moe_layer(i)])
-    if fam is QWEN3_MOE:
+    if fam in (QWEN3_MOE, OLMOE):
         out["attention_bias"] = mc.attention_bias
+    if fam is OLMOE:
+        out.update(clip_qkv=mc.clip_qkv, intermediate_size=m.expert_ffn_size)
+        for k in ("use_sliding_window", "decoder_sparse_step", "mlp_only_layers"):
+            out.pop(k)
     if fam is QWEN2_MOE:
         out.update(qkv_bias=mc.qkv_bias, shared_expert_intermediate_size=m.shared_hidden,
                    max_window_layers=mc.n_layer)
@@ -291,7 +308,7 @@ def _dense_names(config: BluesConfig, is_moe: list[bool]) -> list[tuple[str, str
             biased = mc.attention_bias or (mc.qkv_bias and x != "o")
             out += [(f"{p}self_attn.{x}_proj.{w}", f"{b}attn.w{x}.{w}") for w in (("weight", "bias") if biased
                                                                                   else ("weight",))]
-        if mc.qk_norm == "head":
+        if mc.qk_norm != "none":
             out += [(f"{p}self_attn.{x}_norm.weight", f"{b}attn.{x}_norm.weight") for x in "qk"]
         if not is_moe[i]:
             out += [(f"{p}mlp.{x}_proj.weight", f"{b}mlp.w_{x}.weight") for x in ("gate", "up", "down")]
