@@ -35,7 +35,7 @@ def test_blues01_preset_matches_the_spec():
     ({"n_layr": 4}, r"unknown config field\(s\): 'n_layr' \(did you mean 'n_layer'\?\)"),
     ({"head_dim": 15}, r"head_dim=15 is invalid: must be even for RoPE"),
     ({"head_dim": 0}, r"head_dim=0 is invalid: expected a positive integer"),
-    ({"qk_norm": "full"}, r"qk_norm='full' is invalid: expected one of none, head"),
+    ({"qk_norm": "layer"}, r"qk_norm='layer' is invalid: expected one of none, head, full"),
     ({"attention_bias": "yes"}, r"attention_bias='yes' is invalid: expected true or false"),
     ({"dense_layers": [1, 1]}, r"dense_layers=\[1, 1\] is invalid: expected a list of distinct layer indices"),
     ({"dense_layers": [-1]}, r"dense_layers=\[-1\] is invalid"),
