@@ -70,6 +70,57 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies (Dh/2,) float64 on the CPU, the factor cos and sin are scaled by).
+
+    scaling (ModelConfig.rope_scaling, Hugging Face's rope_parameters names), for a context longer than
+    the one trained at:
+      linear  every frequency divided by `factor` (positions interpolated)
+      llama3  Llama 3.1's: wavelengths above original_max_position_embeddings / low_freq_factor divided
+              by `factor`, below original / high_freq_factor kept, a smooth blend between
+      yarn    YaRN (arXiv 2309.00071): each frequency blended between kept and divided by `factor` by a
+              ramp over the dimensions whose rotation count over original_max_position_embeddings lies
+              between beta_slow and beta_fast; cos and sin scaled by attention_factor (default
+              0.1 * ln(factor) + 1, or the mscale / mscale_all_dim ratio when both are given)."""
+    dims = torch.arange(0, head_dim, 2, dtype=torch.float64)
+    inv_freq = 1.0 / (theta ** (dims / head_dim))  # (Dh/2,)
+    if not scaling:
+        return inv_freq, 1.0
+    kind, factor = scaling["rope_type"], float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        old = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return torch.where(medium, blended, scaled), 1.0
+    assert kind == "yarn", kind
+
+    def mscale(s: float, m: float = 1.0) -> float:
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    old = scaling["original_max_position_embeddings"]
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over `old`
+        return head_dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - lo) / ((hi - lo) if hi != lo else 0.001)).clamp(0, 1)
+    keep = 1 - ramp  # 1: the frequency as trained (high frequencies), 0: interpolated
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention_factor)
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for rotary position embeddings (rotate-half convention), always fp32.
 
@@ -77,9 +128,9 @@ class RotaryEmbedding(nn.Module):
     Blues(cfg)` builds a model without memory; moving off the meta device (model.to_empty, or
     reset_tables) computes the real tables."""
 
-    def __init__(self, head_dim: int, max_len: int, theta: float):
+    def __init__(self, head_dim: int, max_len: int, theta: float, scaling: Optional[dict] = None):
         super().__init__()
-        self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
+        self.head_dim, self.max_len, self.theta, self.scaling = head_dim, max_len, theta, scaling
         cos, sin = self._tables(torch.get_default_device())
         # Not persistent: derived from the config, so checkpoints never carry a stale table.
         self.register_buffer("cos", cos, persistent=False)
@@ -91,10 +142,10 @@ class RotaryEmbedding(nn.Module):
         if torch.device(device).type == "meta":
             shape = (self.max_len, self.head_dim // 2)
             return torch.empty(shape, device="meta"), torch.empty(shape, device="meta")
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64, device="cpu")
-                                         / self.head_dim))
+        inv_freq, attention_factor = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         freqs = torch.outer(torch.arange(self.max_len, dtype=torch.float64, device="cpu"), inv_freq)  # (max_len, Dh/2)
-        return freqs.cos().float().to(device), freqs.sin().float().to(device)
+        cos, sin = freqs.cos() * attention_factor, freqs.sin() * attention_factor
+        return cos.float().to(device), sin.float().to(device)
 
     def reset_tables(self, device: Optional[torch.device] = None) -> None:
         """Recompute the tables on `device` (default: where they are; the CPU when that is meta)."""
@@ -157,41 +208,46 @@ class KVCache:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float = 0.0,
-                     is_causal: bool = True) -> torch.Tensor:
+                     is_causal: bool = True, window: Optional[int] = None) -> torch.Tensor:
     """q (B, H, T, Dh); k, v (B, G, S, Dh) with S >= T; query i sits at position S - T + i.
     Returns (B, H, T, Dh). is_causal=False lets every query see every key (the vision encoder's
-    bidirectional blocks)."""
+    bidirectional blocks). window: sliding-window attention (Mistral's), each query sees the last
+    `window` positions, itself included."""
     B, H, T, Dh = q.shape
     G, S = k.shape[1], k.shape[2]
+    if window is not None and window >= S:
+        window = None  # every key is in the window: plain causal attention
     if backend == "flash":
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
-                              causal=is_causal)  # bottom-right aligned causal mask when S > T
+                              causal=is_causal,  # bottom-right aligned causal mask when S > T
+                              window_size=(window - 1, 0) if window is not None else (-1, -1))
         return out.transpose(1, 2)
     if backend == "sdpa":
         if not is_causal:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=True)
-        if T == S:
+        if T == S and window is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
         # SDPA's is_causal aligns the mask top-left when T != S; decoding needs it bottom-right.
-        mask = None if T == 1 else _bottom_right_mask(T, S, q.device)
+        mask = None if T == 1 and window is None else _bottom_right_mask(T, S, q.device, window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
     assert backend == "math", backend
     k = k.repeat_interleave(H // G, dim=1)  # (B, H, S, Dh)
     v = v.repeat_interleave(H // G, dim=1)
     att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(Dh))  # (B, H, T, S)
     if is_causal:
-        att = att.masked_fill(~_bottom_right_mask(T, S, q.device), float("-inf"))
+        att = att.masked_fill(~_bottom_right_mask(T, S, q.device, window), float("-inf"))
     att = torch.softmax(att, dim=-1)
     if dropout_p > 0:
         att = F.dropout(att, p=dropout_p)
     return (att @ v.float()).to(q.dtype)
 
 
-def _bottom_right_mask(T: int, S: int, device) -> torch.Tensor:
-    """(T, S) bool, True where query i (at position S-T+i) may see key j."""
-    i = torch.arange(T, device=device)[:, None]
+def _bottom_right_mask(T: int, S: int, device, window: Optional[int] = None) -> torch.Tensor:
+    """(T, S) bool, True where query i (at position S-T+i) may see key j: j <= S-T+i, and with a
+    window also j > S-T+i - window."""
+    pos = torch.arange(T, device=device)[:, None] + (S - T)
     j = torch.arange(S, device=device)[None, :]
-    return j <= i + (S - T)
+    return (j <= pos) & (j > pos - window) if window is not None else j <= pos
 
 
 class Attention(nn.Module):
@@ -215,6 +271,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm != "none" else None
         self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm != "none" else None
         self.clip_qkv = cfg.clip_qkv
+        self.window = cfg.sliding_window
         self.attn_backend = cfg.attn_backend
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -239,6 +296,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, G, S, Dh)
         backend = resolve_attn_backend(self.attn_backend, x.device, x.dtype)
-        y = causal_attention(q, k, v, backend, self.dropout if self.training else 0.0, self.is_causal)  # (B, H, T, Dh)
+        y = causal_attention(q, k, v, backend, self.dropout if self.training else 0.0, self.is_causal,
+                             self.window)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.wo(y))

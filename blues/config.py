@@ -21,6 +21,10 @@ ATTN_BACKENDS = ("auto", "flash", "sdpa", "math")
 MOE_BACKENDS = ("auto", "torch", "triton", "deepspeed")
 ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
 QK_NORMS = ("none", "head", "full")
+# rope_scaling's rope_type -> the keys it needs (blues.attention.rope_inv_freq); Hugging Face's names
+ROPE_TYPES = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "yarn": ("factor", "original_max_position_embeddings")}
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -52,6 +56,12 @@ class ModelConfig:
     qk_norm: str = "none"
     """none | head | full, before RoPE. head: RMSNorm (a weight of head_dim) on each query and key head
     (Qwen3-MoE); full: RMSNorm over the whole query and key projections (OLMoE)."""
+    rope_scaling: Optional[dict] = None
+    """RoPE frequencies for a longer context than trained at: {"rope_type": "linear" | "llama3" | "yarn",
+    "factor": ..., and the type's other keys (Hugging Face's rope_parameters names)}; None = plain RoPE."""
+    sliding_window: Optional[int] = None
+    """Each query attends to the last sliding_window positions, itself included (Mistral/Mixtral); None =
+    the whole context. The KV cache keeps every position; the mask does the windowing."""
     clip_qkv: Optional[float] = None
     """Clamp the q, k, v projections to [-clip_qkv, clip_qkv] (OLMoE; after a full-width QK-norm)."""
     attention_bias: bool = False
@@ -69,6 +79,15 @@ class ModelConfig:
         positive_int("head_dim", self.head_dim)
         require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for RoPE")
         require(self.qk_norm in QK_NORMS, "qk_norm", self.qk_norm, f"expected one of {', '.join(QK_NORMS)}")
+        if self.sliding_window is not None:
+            positive_int("sliding_window", self.sliding_window)
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            kind = rs.get("rope_type") if isinstance(rs, dict) else None
+            require(kind in ROPE_TYPES, "rope_scaling", rs,
+                    f"expected null or a mapping with rope_type one of {', '.join(ROPE_TYPES)}")
+            missing = [k for k in ROPE_TYPES[kind] if not isinstance(rs.get(k), (int, float)) or rs[k] <= 0]
+            require(not missing, "rope_scaling", rs, f"rope_type {kind!r} needs {', '.join(missing)} (numbers > 0)")
         if self.clip_qkv is not None:
             require(isinstance(self.clip_qkv, (int, float)) and self.clip_qkv > 0, "clip_qkv", self.clip_qkv,
                     "expected a number > 0, or null for no clamp")

@@ -92,7 +92,7 @@ class Blues(nn.Module):
         self.lm_head = nn.Linear(mc.n_embd, mc.vocab_size, bias=False)
         if mc.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.rope = RotaryEmbedding(mc.head_dim, mc.block_size, mc.rope_theta)
+        self.rope = RotaryEmbedding(mc.head_dim, mc.block_size, mc.rope_theta, mc.rope_scaling)
         # Registered last, and only when on: a text-only model's parameters, their init and its
         # state dict are what they were before vision existed.
         self.vision = None

@@ -254,12 +254,15 @@ def _edited_copy(src, dst, **config_changes):
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gpt2"}, "model_type='gpt2' in config.json is not supported: expected one of mixtral, "
                              "qwen3_moe, qwen2_moe, olmoe, llama"),
-    ({"sliding_window": 16}, "sliding_window=16 cannot be expressed"),
+    ({"model_type": "qwen3_moe", "use_sliding_window": True, "sliding_window": 16, "num_experts": 4,
+      "moe_intermediate_size": 40}, "use_sliding_window with sliding_window=16 cannot be expressed"),
     # Blues has an explicit head_dim now: a config that names another one than the weights' is a shape error
     ({"head_dim": 16}, "tensor 'model.layers.0.self_attn.k_proj.weight' has shape (24, 48) in"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' cannot be expressed"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0}},
+     "rope_parameters.rope_type='dynamic' cannot be expressed"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}},
-     "rope_parameters.rope_type='yarn' cannot be expressed"),
+     "rope_type 'yarn' needs original_max_position_embeddings"),
     ({"intermediate_size": 41}, "tensor 'model.layers.0.block_sparse_moe.experts.0.w1.weight' has shape (40, 48)"),
     ({"num_local_experts": 3}, "has unexpected tensors ['model.layers.0.block_sparse_moe.experts.3.w1.weight'"),
 ])
@@ -754,3 +757,55 @@ def test_olmoe_round_trip_gives_the_same_tensors(olmoe_dir, tmp_path):
         assert torch.equal(out[name], src[name]), name
     hf = hf_load(tmp_path / "out")
     assert type(hf).__name__ == "OlmoeForCausalLM" and hf.config.clip_qkv == 0.6
+
+
+# ----------------------------------------------------------------------------- RoPE scaling and sliding window
+# Against transformers' Mixtral configured with each, at lengths past the original context (16) and the
+# window (8); and Blues' cached decoding against its own recomputation.
+
+def _cached_decoding_equals_recomputing(model, vocab=VOCAB):
+    x = torch.randint(0, vocab, (2, 30), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_kv_cache(2)
+        parts = [model(x[:, :10], kv_cache=cache).logits]  # a prefill, then one token at a time
+        parts += [model(x[:, i:i + 1], kv_cache=cache).logits for i in range(10, 30)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)  # fp32, another sum order
+
+
+@pytest.mark.parametrize("rope", [
+    pytest.param({"rope_type": "linear", "factor": 2.0}, id="linear"),
+    pytest.param({"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16}, id="llama3: every branch at head_dim 12"),
+    pytest.param({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, id="yarn"),
+    pytest.param({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 8,
+                  "mscale": 1.0, "mscale_all_dim": 0.5}, id="yarn with mscale"),
+])
+def test_rope_scaling_equals_transformers(tmp_path, rope):
+    # head_dim given: transformers 5.22's yarn reads config.head_dim, None unless set (a TypeError there)
+    tiny_mixtral(rope_parameters={"rope_theta": 1e4, **rope}, head_dim=12).save_pretrained(tmp_path / "hf")
+    model = load_hf(str(tmp_path / "hf")).eval()
+    assert model.config.model.rope_scaling["rope_type"] == rope["rope_type"]
+    _agrees_with_transformers(model, hf_load(tmp_path / "hf"))
+    _cached_decoding_equals_recomputing(model)
+    plain = Blues(model.config.replace(rope_scaling=None)).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randint(0, VOCAB, (1, 33), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():  # the scaling matters at these lengths
+        assert (plain(x).logits - model(x).logits).abs().max() > 10 * ATOL
+
+
+def test_sliding_window_equals_transformers(tmp_path):
+    tiny_mixtral(sliding_window=8).save_pretrained(tmp_path / "hf")
+    model = load_hf(str(tmp_path / "hf")).eval()
+    assert model.config.model.sliding_window == 8
+    _agrees_with_transformers(model, hf_load(tmp_path / "hf"))  # 33 tokens, and 25 generated: past the window
+    _cached_decoding_equals_recomputing(model)
+    for backend in ("math", "sdpa"):  # the two CPU attention paths build the same mask
+        m = Blues(model.config.replace(attn_backend=backend)).eval()
+        m.load_state_dict(model.state_dict())
+        x = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            torch.testing.assert_close(m(x).logits, model(x).logits, atol=1e-5, rtol=0)
+    save_hf(model, str(tmp_path / "out"))  # Mixtral expresses the window: it goes back out
+    assert hf_load(tmp_path / "out").config.sliding_window == 8

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from blues.config import BluesConfig, ModelConfig, MoEConfig
+from blues.config import ROPE_TYPES, BluesConfig, ModelConfig, MoEConfig
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +150,17 @@ def _model_fields(h: dict[str, Any], fam: Family) -> dict[str, Any]:
     if h.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={h['hidden_act']!r} cannot be expressed: Blues' MLPs are SwiGLU (silu)")
     window = h.get("sliding_window") if fam is MIXTRAL or h.get("use_sliding_window") else None
-    if window is not None and window < T:
-        raise ValueError(f"sliding_window={window} cannot be expressed: Blues attends over the whole context "
-                         f"(max_position_embeddings={T}); import only a model whose window is null or >= the "
-                         "context")
-    rope = h.get("rope_parameters") or h.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope_parameters.rope_type={rope_type!r} cannot be expressed: Blues has plain RoPE "
-                         "(rope_type 'default') only")
-    theta = rope.get("rope_theta", h.get("rope_theta", fam.default_theta))
+    if window is not None and window < T and fam is not MIXTRAL:
+        raise ValueError(f"use_sliding_window with sliding_window={window} cannot be expressed: {fam.title} applies "
+                         "it to some layers only (max_window_layers), Blues' sliding_window to all")
+    rope = dict(h.get("rope_parameters") or h.get("rope_scaling") or {})
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    theta = rope.pop("rope_theta", h.get("rope_theta", fam.default_theta))
+    if rope_type not in ("default", *ROPE_TYPES):
+        raise ValueError(f"rope_parameters.rope_type={rope_type!r} cannot be expressed: Blues has plain RoPE and "
+                         f"the {', '.join(ROPE_TYPES)} scalings")
+    scaling = None if rope_type == "default" else {"rope_type": rope_type, **{
+        k: v for k, v in rope.items() if k in _ROPE_KEYS and v is not None}}
     for name in ("router_jitter_noise", "attention_dropout"):
         if h.get(name):
             log.warning("%s=%s in %s is dropped: Blues has no such training-time setting; inference is the same",
@@ -168,8 +169,15 @@ def _model_fields(h: dict[str, Any], fam: Family) -> dict[str, Any]:
                 num_kv_heads=h.get("num_key_value_heads") or H, dropout=0.0, rope_theta=float(theta),
                 norm_eps=float(h.get("rms_norm_eps", 1e-5 if fam is MIXTRAL else 1e-6)),
                 tie_embeddings=bool(h.get("tie_word_embeddings", False)),
-                init_std=float(h.get("initializer_range", 0.02)), head_dim=h.get("head_dim"),
+                init_std=float(h.get("initializer_range", 0.02)), head_dim=h.get("head_dim"), rope_scaling=scaling,
+                sliding_window=window if window is not None and window < T else None,
                 attention_bias=bool(h.get("attention_bias", False)) if fam in (QWEN3_MOE, OLMOE, LLAMA) else False)
+
+
+# rope_parameters keys Blues reads (blues.attention.rope_inv_freq); others (partial_rotary_factor, ...) are not
+# expressible and are refused by the config's validation when they matter.
+_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",
+              "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
 
 
 def _dense_config_from_hf(h: dict[str, Any], fam: Family) -> BluesConfig:
@@ -200,6 +208,9 @@ def _refusals(config: BluesConfig, family: Family) -> list[str]:
         (m.balance_bias_rate != 0, "balance_bias_rate", m.balance_bias_rate, "it has no expert-selection bias"),
         (config.vision.vision_enabled, "vision_enabled", config.vision.vision_enabled, "it is a text-only model"),
     ]
+    if family is not MIXTRAL:
+        checks.append((mc.sliding_window is not None, "sliding_window", mc.sliding_window,
+                       f"{family.title} windows some layers only"))
     if family is not QWEN2_MOE:
         checks += [(m.num_shared_experts != 0, "num_shared_experts", m.num_shared_experts, "it has no shared expert"),
                    (mc.qkv_bias, "qkv_bias", mc.qkv_bias, "it biases q, k and v only together with o")]
@@ -258,10 +269,10 @@ def config_to_hf(config: BluesConfig, dtype: torch.dtype = torch.float32,
         # No token ids: Blues' own tokenizer is not exported yet, and a default eos (Mixtral's is 2)
         # would stop transformers' generation where Blues' does not.
         "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
-        "tie_word_embeddings": mc.tie_embeddings, "sliding_window": None, "attention_dropout": 0.0,
+        "tie_word_embeddings": mc.tie_embeddings, "sliding_window": mc.sliding_window, "attention_dropout": 0.0,
         "num_experts_per_tok": m.top_k, n_exp: m.num_experts, f_exp: m.expert_ffn_size,
         "output_router_logits": False, "router_aux_loss_coef": m.aux_loss_coef / m.top_k,
-        "rope_parameters": {"rope_theta": mc.rope_theta, "rope_type": "default"},
+        "rope_parameters": {"rope_theta": mc.rope_theta, "rope_type": "default", **(mc.rope_scaling or {})},
     }
     if fam is MIXTRAL:
         out["router_jitter_noise"] = 0.0
