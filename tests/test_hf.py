@@ -253,7 +253,7 @@ def _edited_copy(src, dst, **config_changes):
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gpt2"}, "model_type='gpt2' in config.json is not supported: expected one of mixtral, "
-                             "qwen3_moe, qwen2_moe, olmoe, llama"),
+                             "qwen3_moe, qwen2_moe, olmoe, llama, qwen2"),
     ({"model_type": "qwen3_moe", "use_sliding_window": True, "sliding_window": 16, "num_experts": 4,
       "moe_intermediate_size": 40}, "use_sliding_window with sliding_window=16 cannot be expressed"),
     # Blues has an explicit head_dim now: a config that names another one than the weights' is a shape error

@@ -63,6 +63,27 @@ def test_llama_import_equals_transformers(tmp_path, kw):
     assert model.generate(prompt, max_new_tokens=20, temperature=0) == ref.tolist()
 
 
+def test_qwen2_import_equals_transformers(tmp_path):
+    # Qwen2 is Llama with biases on q, k and v only (Blues' qkv_bias).
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   initializer_range=0.1, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))  # biases start at zero: move them, so a dropped one shows
+    hf.save_pretrained(tmp_path / "qwen2")
+    model = load_hf(str(tmp_path / "qwen2")).eval()
+    assert model.config.model.qkv_bias and model.blocks[0].attn.wo.bias is None
+    x = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, hf_load(tmp_path / "qwen2")(x).logits, atol=ATOL, rtol=0)
+        moe = upcycle(model, 4, 2).model.eval()
+        torch.testing.assert_close(moe(x).logits, model(x).logits, atol=1e-5, rtol=0)
+
+
 def test_llama_mlp_bias_is_refused_by_name(tmp_path):
     with open(os.path.join(saved(tmp_path), "config.json")) as f:
         d = json.load(f)

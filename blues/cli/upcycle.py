@@ -4,7 +4,7 @@
         [key=value ...]
 
 DENSE_DIR is a folder of a model whose every layer is a dense SwiGLU: written by save_pretrained
-(blues-train's out/model with num_dense_layers = n_layer), or a Hugging Face Llama folder. Every
+(blues-train's out/model with num_dense_layers = n_layer), or a Hugging Face Llama or Qwen2 folder. Every
 layer becomes an MoE of E experts, each a copy of that layer's MLP (blues.upcycle: sparse upcycling,
 with optional noise or Drop-Upcycling re-initialisation); key=value sets other fields of the new
 config (router_noise_std=0, ...). OUT gets the MoE and the tokenizer (a Blues folder's; a Hugging
@@ -34,7 +34,8 @@ STEP0_TOL = 1e-4  # fp32: the same products summed in another order (measured ~6
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("dense_dir", metavar="DENSE_DIR", help="a dense Blues model folder, or a Hugging Face Llama one")
+    p.add_argument("dense_dir", metavar="DENSE_DIR",
+                   help="a dense Blues model folder, or a Hugging Face Llama or Qwen2 one")
     p.add_argument("out", metavar="OUT", help="folder for the MoE (must not exist, or be empty)")
     p.add_argument("--num_experts", type=int, required=True, help="experts per layer")
     p.add_argument("--top_k", type=int, required=True, help="experts per token")

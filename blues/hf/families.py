@@ -31,6 +31,7 @@ Llama (model_type llama, dense) is a Mixtral whose every layer is a dense SwiGLU
   ...mlp.{gate,up,down}_proj.weight                       blocks.i.mlp.w_{gate,up,down}.weight (same layout)
   ...self_attn.{q,k,v,o}_proj.bias (attention_bias)       blocks.i.attn.w{q,k,v,o}.bias
 It is imported as a Blues model with num_dense_layers = n_layer: the start of blues-upcycle.
+Qwen2 (model_type qwen2, dense) is Llama with biases on q, k and v only (qkv_bias).
 transformers 5 keeps the experts fused in memory (mlp.experts.gate_up_proj (E, 2F, D), gate rows
 first, and mlp.experts.down_proj (E, D, F)) and renames Mixtral's block_sparse_moe to mlp, but
 saves the per-expert names above (its conversion_mapping.py); import reads both, export writes the
@@ -71,7 +72,8 @@ QWEN3_MOE = Family("qwen3_moe", "Qwen3-MoE", "Qwen3MoeForCausalLM", "mlp",
 QWEN2_MOE = Family("qwen2_moe", "Qwen2-MoE", "Qwen2MoeForCausalLM", "mlp", QWEN3_MOE.expert_weights, 1e4)
 OLMOE = Family("olmoe", "OLMoE", "OlmoeForCausalLM", "mlp", QWEN3_MOE.expert_weights, 1e4)
 LLAMA = Family("llama", "Llama", "LlamaForCausalLM", "mlp", (), 1e4, dense=True)
-FAMILIES = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, LLAMA)}
+QWEN2 = Family("qwen2", "Qwen2", "Qwen2ForCausalLM", "mlp", (), 1e4, dense=True)
+FAMILIES = {f.model_type: f for f in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, LLAMA, QWEN2)}
 EXPORT_ORDER = (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE)  # the first that expresses a model is written
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -196,7 +198,10 @@ def _dense_config_from_hf(h: dict[str, Any], fam: Family) -> BluesConfig:
     moe = MoEConfig(num_experts=1, top_k=1, expert_ffn_size=F, dense_ffn_size=F,
                     num_dense_layers=h["num_hidden_layers"], router_noise_std=0.0, aux_loss_coef=0.0,
                     z_loss_coef=0.0)
-    return BluesConfig(model=ModelConfig(**_model_fields(h, fam)), moe=moe)
+    model = _model_fields(h, fam)
+    if fam is QWEN2:
+        model.update(attention_bias=False, qkv_bias=True)  # transformers' Qwen2 always biases q, k, v
+    return BluesConfig(model=ModelConfig(**model), moe=moe)
 
 
 def _refusals(config: BluesConfig, family: Family) -> list[str]:
