@@ -81,12 +81,20 @@ def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tenso
     return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
 
 
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host batch tensor on `dev`: on CUDA through pinned memory and a non-blocking copy (no wait)."""
+    if dev.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
 def _forward(run: Run, batch):
     """The engine's forward of one micro-batch on this rank's device (DeepSpeed passes keyword
     arguments on to the model)."""
     x, y, images = split_batch(batch)
     dev = run.dist.device
-    return run.engine(x.to(dev), y.to(dev), images=None if images is None else images.to(dev))
+    return run.engine(_to_device(x, dev), _to_device(y, dev),
+                      images=None if images is None else _to_device(images, dev))
 
 
 def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
@@ -96,7 +104,12 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
     no backward taken yet nothing is applied; if it appears after earlier micro-batches were
     already accumulated, the step goes through DeepSpeed, which drops non-finite gradients under
     ZeRO 1/2/3 and with bf16/fp16 (measured: ZeRO 2 and 3 in fp32 skip); where it applies them
-    (fp32 under ZeRO 0) training stops with an error, saving nothing."""
+    (fp32 under ZeRO 0) training stops with an error, saving nothing.
+
+    Host synchronisation (issue 11): one per micro-batch, the all-reduced non-finite flag read before
+    backward (the skip decision), and one per step, the all-reduced metric sums. The losses and the
+    expert counts are summed on the device meanwhile; inputs are copied from pinned memory without
+    waiting (tests/train/test_step_syncs.py counts them)."""
     engine, c, dev = run.engine, run.cfg, run.dist.device
     t0 = time.perf_counter()
     lr = lr_at(run.step, c.train)
@@ -106,7 +119,7 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
     grad_accum = c.train.grad_accum
     E, L = c.moe.num_experts, run.num_moe_layers
     # loss ce aux z dropped stop | kept counts (L*E) | selected counts (L*E, before capacity: balancing)
-    sums = torch.zeros(6 + 2 * L * E, dtype=torch.float64)
+    sums = torch.zeros(6 + 2 * L * E, dtype=torch.float64, device=dev)
     bad_at = None
     for micro in range(grad_accum):
         batch = get()
@@ -115,20 +128,17 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
         out = _forward(run, batch)
         nan_here = run.dist.rank == 0 and run.debug.nan_at(run.step + 1, micro)
         loss = out.loss * float("nan") if nan_here else out.loss
-        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device=dev)
-        if all_reduce(flag, "max").item() > 0 and bad_at is None:
+        flag = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)  # (1,) on the device: no sync
+        if all_reduce(flag, "max").item() > 0 and bad_at is None:  # the one host read of the micro-batch
             bad_at = micro
             if micro == 0:
                 continue
         engine.backward(loss)
         engine.step()
-        sums[0] += loss.detach().item()
-        sums[1] += out.ce_loss.detach().item()
-        sums[2] += out.aux_loss.detach().item()
-        sums[3] += out.z_loss.detach().item()
-        sums[4] += out.dropped.detach().item()
-        if out.expert_counts is not None:  # one device-to-host copy for both (2, L, E)
-            sums[6:] += torch.stack((out.expert_counts, out.expert_selected)).detach().double().cpu().reshape(-1)
+        sums[:5] += torch.stack([loss.detach().double(), out.ce_loss.detach().double(), out.aux_loss.detach().double(),
+                                 out.z_loss.detach().double(), out.dropped.detach().double()])
+        if out.expert_counts is not None:  # (2, L, E), summed on the device
+            sums[6:] += torch.stack((out.expert_counts, out.expert_selected)).detach().double().reshape(-1)
     skipped = bad_at is not None
     if skipped and bad_at > 0 and engine.was_step_applied():
         raise FloatingPointError(
@@ -136,7 +146,7 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
             f"configuration (dtype={c.train.dtype}, ZeRO {run.stage}) applied the step anyway; stopping without "
             "saving (the last checkpoint is intact)")
     sums[5] = 1.0 if run.stop_signal else 0.0
-    sums = all_reduce(sums.to(dev)).cpu()
+    sums = all_reduce(sums).cpu()  # the step's one read of the metrics
     n = grad_accum * run.dist.world_size
     gn = None if skipped else engine.get_global_grad_norm()
     res = StepResult(step=run.step + 1, loss=float("nan") if skipped else sums[0].item() / n,
