@@ -223,13 +223,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
                               window_size=(window - 1, 0) if window is not None else (-1, -1))
         return out.transpose(1, 2)
     if backend == "sdpa":
+        gqa = G != H
+        if gqa and q.is_cuda and q.dtype == torch.float32:
+            # No fused CUDA kernel takes fp32 with grouped KV heads (pytorch/pytorch#139586: SDPA falls to its
+            # math kernel, silently); with K/V expanded to every head the memory-efficient kernel runs.
+            k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)  # (B, H, S, Dh)
+            gqa = False
         if not is_causal:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
         if T == S and window is None:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
         # SDPA's is_causal aligns the mask top-left when T != S; decoding needs it bottom-right.
         mask = None if T == 1 and window is None else _bottom_right_mask(T, S, q.device, window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
     assert backend == "math", backend
     k = k.repeat_interleave(H // G, dim=1)  # (B, H, S, Dh)
     v = v.repeat_interleave(H // G, dim=1)

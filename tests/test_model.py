@@ -228,3 +228,19 @@ def test_qwen3_style_decoding_with_the_cache_equals_recomputing():
     prompt = torch.randint(0, 97, (1, 11))
     cached = model.generate(prompt[0].tolist(), max_new_tokens=40, temperature=0)
     assert cached == model.generate(prompt[0].tolist(), max_new_tokens=40, temperature=0, use_cache=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fp32 GQA path of SDPA on a GPU")
+def test_sdpa_fp32_grouped_kv_runs_a_fused_kernel_and_equals_math():
+    # fp32 with grouped KV heads: expanded K/V let SDPA's memory-efficient kernel run (pytorch#139586);
+    # with the math kernel disabled the call must still succeed, and equal the math path.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from blues.attention import causal_attention
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 8, 33, 16, device="cuda", generator=g)
+    k, v = (torch.randn(2, 2, 33, 16, device="cuda", generator=g) for _ in range(2))
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        fused = causal_attention(q, k, v, "sdpa")
+    torch.testing.assert_close(fused, causal_attention(q, k, v, "math"), rtol=1e-5, atol=1e-5)
