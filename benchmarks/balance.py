@@ -35,7 +35,7 @@ def run_one(gamma: float, args, data: str, dist) -> dict:
     import torch
 
     from blues import train as T
-    from blues.config import get_preset
+    from blues.presets import get_preset
     from blues.train.balance import get_bias, max_over_mean
     from blues.train.ds_config import BUILTIN_DS_CONFIG
 

@@ -188,7 +188,7 @@ class Bench:
 
 
 def blues_config(shape: str, impl: str, out_dir: str):
-    from blues.config import get_preset
+    from blues.presets import get_preset
     s = {k: v for k, v in SHAPES[shape].items() if k != "steps"}
     backend, ep = {"blues_ep2": ("torch", 2), "blues_ep1": ("torch", 1), "ds_ep2": ("deepspeed", 2),
                    "autoep_ep2": ("torch", 2), "autoep_ep1": ("torch", 1), "dense_floor": ("torch", 1)}[impl]

@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, write_rows  # noqa: E402
 
-from blues.config import get_preset  # noqa: E402
 from blues.model import Blues  # noqa: E402
+from blues.presets import get_preset  # noqa: E402
 
 
 def tokens_per_s(model, prompt, n, use_cache):

@@ -20,8 +20,8 @@ from _common import machine, write_rows  # noqa: E402
 
 
 def one_step(preset: str, batch: int, ckpt: bool, device: str) -> dict:
-    from blues.config import get_preset
     from blues.model import Blues
+    from blues.presets import get_preset
     torch.manual_seed(0)
     cfg = get_preset(preset).replace(attn_backend="sdpa")
     model = Blues(cfg).to(device).train()

@@ -215,8 +215,8 @@ def run_all(args, command: str) -> dict:
     import torch
 
     from blues import train as T
-    from blues.config import load_config
     from blues.data.prepare import prepare
+    from blues.presets import load_config
 
     data = os.path.join(tempfile.gettempdir(), f"blues_quality_data_{args.corpus}")
     prepare(data_dir=data, corpus=args.corpus, progress=False)

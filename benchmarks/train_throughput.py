@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def configs(gpu: bool):
-    from blues.config import get_preset
+    from blues.presets import get_preset
     if gpu:
         base = get_preset("blues01").replace(
             vocab_size=32768, n_layer=12, n_embd=768, n_head=12, num_kv_heads=4, block_size=1024,

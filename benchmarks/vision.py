@@ -50,7 +50,7 @@ def train(data: str, out: str, max_steps: int, overrides: list[str], threads: in
     import torch
 
     from blues import train as T
-    from blues.config import load_config
+    from blues.presets import load_config
     items = [*VISION, f"max_steps={max_steps}", f"data_dir={data}", f"out_dir={out}", "eval_interval=100",
              f"save_interval={max_steps}", "log_interval=50", *overrides]
     print("blues-train --preset tiny", " ".join(items), flush=True)

@@ -317,7 +317,7 @@ def submit(script_path: str) -> str:
 def plan(args: Any, command: str) -> tuple[Job, list[str]]:
     """The Job for blues-submit's parsed arguments (`args`: its argparse namespace) and the notes of
     every check passed; SubmitError (a ValueError) naming the flag or field to change."""
-    from blues.config import load_config
+    from blues.presets import load_config
     from blues.probe import parse_budget
     from blues.train.ds_config import load_ds_config
     for name in ("nodes", "nproc_per_node", "signal_seconds"):

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from blues.config import PRESETS, BluesConfig, ModelConfig, MoEConfig, TrainConfig, get_preset
+from blues.config import BluesConfig, ModelConfig, MoEConfig, TrainConfig
+from blues.presets import PRESETS, get_preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -17,7 +17,9 @@ text; with --interactive every answer sees the images. An unreadable file is one
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from typing import Any, Optional
 
@@ -133,6 +135,10 @@ def answer(model, prompt: str, settings: dict[str, Any], seed: Optional[int], us
 def interactive(model, settings: dict[str, Any], seed: Optional[int], use_cache: bool,
                 images: Optional[list] = None) -> int:
     """The prompt loop of --interactive; returns the exit code (0: Ctrl-D or Ctrl-C at the prompt)."""
+    # Ctrl-C must reach the loop even when a parent started us with SIGINT ignored (`nohup ... &`, a
+    # non-interactive shell's background job: Python then keeps it ignored, and Ctrl-C would do nothing).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"blues-generate: interactive, {describe_settings(settings)}\ncommands: {REPL_HELP}", flush=True)
     while True:
         try:

@@ -30,7 +30,7 @@ import sys
 from typing import Optional
 
 from blues.common import EXIT_FAILURE, OneLineParser, add_alias, atomic_write_json, run_cli
-from blues.config import load_config
+from blues.presets import load_config
 from blues.train import build_engine, resume, train, validate
 from blues.train.checkpoint import check_resume, find_resume, read_meta
 from blues.train.debug import DebugConfig

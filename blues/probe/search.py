@@ -88,7 +88,7 @@ def resolve_options(opts: ProbeOptions) -> ProbeOptions:
     """Everything a user can get wrong, before any process starts (ValueError naming it); returns the
     options with the device, the ranks per node and absolute paths filled in. The config comes first:
     it needs no torch, and it is where most mistakes are."""
-    from blues.config import load_config
+    from blues.presets import load_config
     from blues.train.ds_config import load_ds_config, resolve_ds_config
 
     o = copy.deepcopy(opts)
@@ -234,7 +234,7 @@ class Coordinator:
     def __init__(self, opts: ProbeOptions):
         from torch.distributed import TCPStore
 
-        from blues.config import load_config
+        from blues.presets import load_config
         from blues.train.ds_config import load_ds_config
         self.opts = opts
         self.rank = int(os.environ["RANK"])

@@ -91,8 +91,8 @@ def run_trial(spec: TrialSpec) -> int:
     try:
         import deepspeed  # noqa: F401  (imported before the CPU baseline: the runtime is not the model)
 
-        from blues.config import load_config
         from blues.moe import forced_routing
+        from blues.presets import load_config
         from blues.train import build_engine, train_steps
         from blues.train.ds_config import load_ds_config
         if not cuda:

@@ -105,10 +105,10 @@ REPORT_SMALL = dict(n_layer=3, num_dense_layers=1, n_embd=64, n_head=2, block_si
 def small_model(tmp_path_factory):
     """A real tiny model (random weights, MoE in blocks 1 and 2 after one dense block) saved by save_pretrained
     with the tokenizer of a prepared data folder (the built-in corpus)."""
-    from blues.config import tiny
     from blues.data.prepare import prepare
     from blues.data.tokenizer import Tokenizer
     from blues.model import Blues
+    from blues.presets import tiny
     tmp = tmp_path_factory.mktemp("report")
     prepare(str(tmp / "data"), progress=False)
     torch.manual_seed(0)
@@ -163,8 +163,8 @@ def test_report_counts_are_the_routing_the_model_ran(small_model):
 
 @pytest.mark.parametrize("case", ["model_missing", "data_missing", "batches", "dense"])
 def test_report_bad_inputs_are_one_line_exit_2(small_model, tmp_path, capsys, case):
-    from blues.config import tiny
     from blues.model import Blues
+    from blues.presets import tiny
     model_dir, data = small_model
     args = {"model_dir": str(model_dir), "--data": str(data), "--batches": "2"}
     expect = {"model_missing": "MODEL_DIR", "data_missing": "does not exist: run blues-prepare",

@@ -9,11 +9,11 @@ import pytest
 
 from blues.cli.prepare import main
 from blues.common import EXIT_USAGE
-from blues.config import tiny
 from blues.data.data_dir import load_meta
 from blues.data.loader import TokenLoader
 from blues.data.sources import builtin_corpus
 from blues.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
+from blues.presets import tiny
 
 
 def run_cli(argv, capsys):

@@ -13,8 +13,8 @@ Shapes: N tokens, E experts, K top-k, D width.
 import pytest
 import torch
 
-from blues.config import tiny
 from blues.moe import MoE
+from blues.presets import tiny
 from blues.probe.estimate import dispatch_rows, estimate_memory
 
 D = 32

@@ -3,9 +3,9 @@ backend where DeepSpeed allows, and the stacked-layout conversion both ways."""
 import pytest
 import torch
 
-from blues.config import tiny
 from blues.model import Blues
 from blues.moe import deepspeed_moe as md
+from blues.presets import tiny
 
 
 def _cfg(**kw):

@@ -2,7 +2,7 @@
 (Its accuracy against measured peaks is bounded in test_probe_cli.py, on real trials.)"""
 import pytest
 
-from blues.config import get_preset
+from blues.presets import get_preset
 from blues.probe import estimate_memory
 from blues.probe.estimate import ep_received_rows
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from blues.common import free_port
-from blues.config import get_preset
 from blues.moe import forced_routing
 from blues.moe.routing import hot_experts
+from blues.presets import get_preset
 
 
 @pytest.mark.parametrize("E, K, cap, N, hot", [
@@ -91,7 +91,7 @@ def test_forced_routing_on_deepspeed_moe(tmp_path):
         import os, json, torch
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ["PORT"])
-        from blues.config import get_preset
+        from blues.presets import get_preset
         from blues.moe import forced_routing
         from blues.train import build_engine
         out = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blues.config import get_preset
+from blues.presets import get_preset
 from blues.probe import estimate_memory
 from blues.train.ds_config import load_ds_config
 

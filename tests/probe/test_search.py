@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from blues.config import get_preset
+from blues.presets import get_preset
 from blues.probe import grad_accum_for, own_answer, parse_budget, parse_budgets, probed_ds_config, search, search_linear
 from blues.train.ds_config import load_ds_config, resolve_ds_config
 

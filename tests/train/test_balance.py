@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from blues.config import tiny
 from blues.model import Blues
+from blues.presets import tiny
 from blues.train import balance
 
 SMALL = dict(n_embd=64, n_head=2, block_size=32, num_experts=4, expert_ffn_size=64, micro_batch_size=4)
@@ -121,7 +121,7 @@ RANKS = r'''
 import json, os, sys
 import torch
 from blues import train as T
-from blues.config import tiny
+from blues.presets import tiny
 from blues.train.balance import get_bias, next_bias
 from blues.train.ds_config import BUILTIN_DS_CONFIG
 out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from blues.config import tiny
+from blues.presets import tiny
 from blues.train import checkpoint as ck
 
 

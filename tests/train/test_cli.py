@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from blues.cli.train import main
-from blues.config import tiny
+from blues.presets import tiny
 from blues.train.ds_config import DS_CONFIG_DIR
 
 # ----------------------------------------------------------------------------- bad inputs (in-process: they

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from blues.config import tiny
+from blues.presets import tiny
 from blues.train.ds_config import (
     BUILTIN_DS_CONFIG,
     DS_CONFIG_DIR,

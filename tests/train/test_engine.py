@@ -12,7 +12,7 @@ from blues.train.ds_config import DS_CONFIG_DIR
 
 EXERCISE = r"""
 import glob, json, os, sys
-from blues.config import tiny
+from blues.presets import tiny
 from blues.train.ds_config import load_ds_config
 from blues import train as T
 data, out = sys.argv[1], sys.argv[2]
@@ -78,7 +78,7 @@ import torch
 torch.set_num_threads(1)
 from blues import train as T
 from blues.cli.train import main
-from blues.config import tiny
+from blues.presets import tiny
 from blues.data.loader import TokenLoader
 from blues.hf import init_from_config
 from blues.model import Blues
@@ -151,8 +151,8 @@ def _cli_error(capsys, argv) -> str:
 def saved_folder(tmp_path):
     import torch
 
-    from blues.config import tiny
     from blues.model import Blues
+    from blues.presets import tiny
     torch.manual_seed(0)
     Blues(tiny().replace(n_embd=32, n_head=2, block_size=16, num_experts=4)).save_pretrained(str(tmp_path / "m"))
     return str(tmp_path / "m")

@@ -34,7 +34,7 @@ SCRIPT = r'''
 import json, os, sys
 import torch
 from blues import train as T
-from blues.config import tiny
+from blues.presets import tiny
 from blues.generate import generate
 from blues.model import Blues
 from blues.moe import forced_routing

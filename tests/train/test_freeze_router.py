@@ -6,12 +6,13 @@ import sys
 
 import pytest
 
-from blues.config import BluesConfig, tiny
+from blues.config import BluesConfig
+from blues.presets import tiny
 from blues.train.checkpoint import check_resume_config
 
 SCRIPT = r"""
 import json, sys, torch
-from blues.config import tiny
+from blues.presets import tiny
 from blues import train as T
 dist = T.init_distributed()
 out = {}

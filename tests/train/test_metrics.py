@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from blues.common import free_port
-from blues.config import tiny
 from blues.data.prepare import prepare
 from blues.model import Blues
+from blues.presets import tiny
 from blues.train.balance import set_bias
 from blues.train.ds_config import DS_CONFIG_DIR
 from blues.train.engine import Run
@@ -125,7 +125,7 @@ EP_SCRIPT = r'''
 import json, os, sys
 import torch
 from blues import train as T
-from blues.config import tiny
+from blues.presets import tiny
 from blues.train.balance import get_bias
 from blues.train.ds_config import load_ds_config
 from blues.train.metrics import expert_metrics

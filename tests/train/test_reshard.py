@@ -7,7 +7,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from blues.config import tiny
+from blues.presets import tiny
 from blues.train import checkpoint as ck
 from blues.train import reshard
 

@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from blues.config import tiny
 from blues.model import Blues
+from blues.presets import tiny
 from blues.train import revival
 
 SMALL = dict(n_embd=64, n_head=2, block_size=32, num_experts=4, expert_ffn_size=64, micro_batch_size=4)
@@ -90,7 +90,7 @@ import torch
 torch.set_num_threads(1)
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from blues import train as T
-from blues.config import tiny
+from blues.presets import tiny
 from blues.moe import forced_routing
 from blues.train.ds_config import DS_CONFIG_DIR, load_ds_config
 from blues.train.revival import get_dead_steps, link_optimizer_state, master_copy, revival_layers, revive_dead_experts
@@ -211,7 +211,7 @@ import json, os, shutil, sys
 import torch
 torch.set_num_threads(1)
 from blues import train as T
-from blues.config import tiny
+from blues.presets import tiny
 from blues.moe import forced_routing
 from blues.train.checkpoint import find_resume
 

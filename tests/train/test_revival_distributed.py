@@ -31,7 +31,7 @@ import torch.distributed as dist
 torch.set_num_threads(1)
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from blues import train as T
-from blues.config import tiny
+from blues.presets import tiny
 from blues.moe import forced_routing
 from blues.moe.expert_parallel import all_gather_experts
 from blues.train.ds_config import DS_CONFIG_DIR, load_ds_config

@@ -9,7 +9,7 @@ import pytest
 
 SCRIPT = r"""
 import json, sys, torch
-from blues.config import tiny
+from blues.presets import tiny
 from blues import train as T
 import blues.train.step as step_module
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from blues.cli.generate import main
-from blues.config import tiny
 from blues.model import Blues
+from blues.presets import tiny
 from blues.vision.images import to_pixels
 
 from .conftest import tiny_vl

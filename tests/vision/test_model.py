@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blues.config import BluesConfig, tiny
+from blues.config import BluesConfig
 from blues.model import Blues
+from blues.presets import tiny
 from blues.vision.config import VisionConfig, num_image_tokens
 
 from .conftest import tiny_vl
