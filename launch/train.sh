@@ -69,7 +69,7 @@ EOF
 )
     # The probe's folder: <out_dir>/probe for the out_dir training will use.
     out_dir=$(python -c 'import sys
-from blues.config import load_config
+from blues.presets import load_config
 a = sys.argv[1:]
 config = a[a.index("--config") + 1] if "--config" in a else None
 preset = a[a.index("--preset") + 1] if "--preset" in a else None
