@@ -16,7 +16,8 @@ import sys
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="the references are transformers' own models "
+                                   "(pip install -e .[dev]; CI has it, where a skip fails)")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -83,7 +84,7 @@ def hf_dirs(tmp_path_factory):
 def hf_word_tokenizer(folder, extra_tokens: int = 0) -> None:
     """A word-level BPE (Whitespace split, no byte alphabet: fewer ids than VOCAB) with </s> as its
     eos, saved as transformers saves one: tokenizer.json and tokenizer_config.json."""
-    tk = pytest.importorskip("tokenizers")
+    tk = pytest.importorskip("tokenizers", reason="the folder's tokenizer.json is trained with it")
     tok = tk.Tokenizer(tk.models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = tk.pre_tokenizers.Whitespace()
     trainer = tk.trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "</s>"])

@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="the references are transformers' own Llama and Qwen2 "
+                                   "(pip install -e .[dev]; CI has it, where a skip fails)")
 
 from blues.cli.upcycle import main as upcycle_main  # noqa: E402
 from blues.hf import config_from_hf, load_hf  # noqa: E402

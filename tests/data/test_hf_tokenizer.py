@@ -12,7 +12,8 @@ import pickle
 import numpy as np
 import pytest
 
-tokenizers = pytest.importorskip("tokenizers")
+tokenizers = pytest.importorskip("tokenizers", reason="HFTokenizer reads tokenizer.json through it "
+                                 "(installed with transformers by .[dev]; CI has it, where a skip fails)")
 
 from blues.data.hf_tokenizer import HFTokenizer  # noqa: E402
 from blues.data.prepare import prepare  # noqa: E402
@@ -47,7 +48,7 @@ def test_a_hugging_face_tokenizer_json_loads_by_content(tmp_path):
 
 
 def test_ids_equal_transformers_fast_tokenizer_and_round_trip(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="the reference ids are its fast tokenizer's")
     folder = train_hf_tokenizer(tmp_path / "hf")
     tok = Tokenizer.load(folder)
     ref = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"))
