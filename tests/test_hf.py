@@ -38,6 +38,15 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+def _move_vectors(model) -> None:
+    """Norms start at one and biases at zero: move every 1-D parameter, so that a dropped bias or a swapped
+    q/k norm shows in the logits."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+
+
 def tiny_mixtral(**kw):
     # initializer_range 0.1 (not 0.02): logits of order 1 and clear routing margins, so a wrong
     # mapping (gate/up swapped, a missing transpose) moves the logits far past ATOL.
@@ -518,10 +527,7 @@ def tiny_qwen3_moe(**kw):
     cfg.update(kw)
     torch.manual_seed(0)
     model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**cfg)).eval()
-    with torch.no_grad():  # norms start at one and biases at zero: move them, so a swapped q/k norm shows
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.2 * torch.randn_like(p))
+    _move_vectors(model)
     return model
 
 
@@ -582,10 +588,7 @@ def test_a_blues_model_with_qwen3_features_exports_as_qwen3_moe(tmp_path):
                       moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=40, norm_topk_prob=False,
                                     num_dense_layers=1, dense_ffn_size=56))
     model = Blues(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.2 * torch.randn_like(p))
+    _move_vectors(model)
     save_hf(model, str(tmp_path / "hf"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     assert type(hf).__name__ == "Qwen3MoeForCausalLM" and hf.config.mlp_only_layers == [0]
@@ -641,10 +644,7 @@ def tiny_qwen2_moe(**kw):
     cfg.update(kw)
     torch.manual_seed(0)
     model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**cfg)).eval()
-    with torch.no_grad():  # biases start at zero and norms at one: move them, so a dropped bias shows
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.2 * torch.randn_like(p))
+    _move_vectors(model)
     return model
 
 
@@ -683,10 +683,7 @@ def test_blues_shared_experts_export_as_qwen2_moe(tmp_path, gated):
                       moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=40, num_shared_experts=2,
                                     shared_expert_gate=gated))
     model = Blues(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.2 * torch.randn_like(p))
+    _move_vectors(model)
     save_hf(model, str(tmp_path / "hf"))
     hf = hf_load(tmp_path / "hf")
     assert type(hf).__name__ == "Qwen2MoeForCausalLM" and hf.config.shared_expert_intermediate_size == 80
@@ -722,10 +719,7 @@ def tiny_olmoe(**kw):
     cfg.update(kw)
     torch.manual_seed(0)
     model = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**cfg)).eval()
-    with torch.no_grad():  # norms start at one and biases at zero: move them, so a swapped q/k norm shows
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.2 * torch.randn_like(p))
+    _move_vectors(model)
     return model
 
 

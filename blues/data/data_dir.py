@@ -45,12 +45,12 @@ def token_dtype(n_vocab: int):
 
 # ----------------------------------------------------------------------------- meta.json
 
-def read_meta(data_dir: str) -> Optional[dict]:
-    """meta.json of `data_dir` when it is one of ours (complete or not), else None."""
+def read_meta(data_dir: str, fmt: str = FORMAT) -> Optional[dict]:
+    """meta.json of `data_dir` when it holds data of format `fmt` (complete or not), else None."""
     try:
         with open(os.path.join(data_dir, META_FILE), encoding="utf-8") as f:
             meta = json.load(f)
-        return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+        return meta if isinstance(meta, dict) and meta.get("format") == fmt else None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
@@ -68,6 +68,16 @@ def incomplete_reason(data_dir: str, meta: dict) -> Optional[str]:
             return (f"{path} has {'no file' if have is None else f'{have} bytes'} but meta.json says "
                     f"{info['num_tokens']} {meta['dtype']} tokens = {want} bytes")
     return None
+
+
+def make_writable(data_dir: str) -> None:
+    """Create `data_dir` and its lock file, or ValueError saying it cannot be written."""
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        open(os.path.join(data_dir, LOCK_FILE), "a").close()
+    except OSError as e:
+        raise ValueError(f"data_dir {data_dir!r} is not writable ({e.strerror}): pass a --data_dir you "
+                         f"can write to") from None
 
 
 def load_meta(data_dir: str) -> dict:

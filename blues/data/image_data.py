@@ -14,13 +14,12 @@ Shapes: N samples, S image side.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Union
 
 import numpy as np
 
-from blues.data.data_dir import META_FILE, SPLITS, read_meta
+from blues.data.data_dir import SPLITS, read_meta
 from blues.data.tokenizer import Tokenizer
 from blues.vision.config import IMAGE, IMAGE_END, IMAGE_START
 
@@ -87,12 +86,7 @@ def _sizes(meta: dict, split: str) -> dict[str, int]:
 
 def read_image_meta(data_dir: str) -> Optional[dict]:
     """meta.json of `data_dir` when it is image-text data (complete or not), else None."""
-    try:
-        with open(os.path.join(data_dir, META_FILE), encoding="utf-8") as f:
-            meta = json.load(f)
-        return meta if isinstance(meta, dict) and meta.get("format") == IMAGE_FORMAT else None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
+    return read_meta(data_dir, IMAGE_FORMAT)
 
 
 def image_incomplete_reason(data_dir: str, meta: dict) -> Optional[str]:

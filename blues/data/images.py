@@ -31,6 +31,7 @@ from blues.data.data_dir import (
     check_tokenizer,
     commit,
     locked,
+    make_writable,
     new_tmp_dir,
     read_meta,
     remove_stale_tmp,
@@ -52,7 +53,7 @@ from blues.data.image_data import (
     with_image_tokens,
 )
 from blues.data.image_sources import ImagePairsSource, load_image
-from blues.data.loader import TokenLoader
+from blues.data.loader import TokenLoader, check_resumable, next_entries
 from blues.data.prepare import DEFAULT_SEED, _split_value
 from blues.data.shapes import GENERATOR_VERSION, synthetic_split
 from blues.data.tokenizer import Tokenizer
@@ -140,12 +141,7 @@ def prepare_images(data_dir: str, images: str = BUILTIN, *, image_size: int, num
     else:
         source = ImagePairsSource(images)  # reads and checks every record (and that its image exists) first
         samples = _pairs_samples(source, val_fraction, seed)
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-        open(os.path.join(data_dir, LOCK_FILE), "a").close()
-    except OSError as e:
-        raise ValueError(f"data_dir {data_dir!r} is not writable ({e.strerror}): pass a --data_dir you "
-                         f"can write to") from None
+    make_writable(data_dir)
     with locked(data_dir):
         if read_meta(data_dir) is not None:
             raise ValueError(f"data_dir {data_dir!r} holds text data prepared by blues-prepare: pass another "
@@ -345,18 +341,7 @@ class ImageTextLoader:
             self.batches += 1
             x, y = self.text.next_batch()
             return x, y, None
-        take: list[np.ndarray] = []
-        need = self.batch_size
-        while need:
-            order = self._epoch_samples(self.epoch)
-            part = order[self.pos: self.pos + need]
-            take.append(part)
-            need -= len(part)
-            self.pos += len(part)
-            if self.pos >= len(order):
-                self.epoch, self.pos = self.epoch + 1, 0
-        self.batches += 1
-        return self._gather(np.concatenate(take))
+        return self._gather(next_entries(self, self._epoch_samples))
 
     def state_dict(self) -> dict:
         """Plain ints and strings (JSON-able): where both streams are, and what they must be resumed with."""
@@ -366,16 +351,7 @@ class ImageTextLoader:
                 "text": self.text.state_dict() if self.text is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("seed", "split", "block_size", "world_size", "text_batch_fraction"):
-            if state.get(name) != getattr(self, name):
-                raise ValueError(f"loader state has {name}={state.get(name)!r} but this loader has "
-                                 f"{name}={getattr(self, name)!r}: the stream cannot be resumed exactly; "
-                                 f"use the saved {name}")
-        if state.get("data_fingerprint") != self.meta["fingerprint"]:
-            saved = str(state.get("data_fingerprint"))[:12]
-            raise ValueError(f"loader state was saved on data with fingerprint {saved} but {self.data_dir!r} "
-                             f"holds {self.meta['fingerprint'][:12]}: the data was re-prepared from other inputs, "
-                             f"so the stream cannot be resumed exactly")
+        check_resumable(self, state, ("seed", "split", "block_size", "world_size", "text_batch_fraction"))
         if self.text is not None:
             self.text.load_state_dict(state["text"])
         self.epoch, self.pos, self.batches = int(state["epoch"]), int(state["pos"]), int(state["batches"])

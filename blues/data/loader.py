@@ -13,6 +13,38 @@ from blues.data.data_dir import SPLITS, check_tokenizer, load_meta
 from blues.data.tokenizer import Tokenizer
 
 
+def next_entries(stream, order_of_epoch) -> np.ndarray:
+    """The next stream.batch_size entries of the per-epoch orders order_of_epoch(epoch), running into the
+    next epoch when one ends; advances stream.epoch, stream.pos and stream.batches."""
+    take: list[np.ndarray] = []
+    need = stream.batch_size
+    while need:
+        order = order_of_epoch(stream.epoch)
+        part = order[stream.pos: stream.pos + need]
+        take.append(part)
+        need -= len(part)
+        stream.pos += len(part)
+        if stream.pos >= len(order):
+            stream.epoch, stream.pos = stream.epoch + 1, 0
+    stream.batches += 1
+    return np.concatenate(take)
+
+
+def check_resumable(stream, state: dict, names: tuple[str, ...]) -> None:
+    """ValueError unless a saved loader `state` resumes `stream` exactly: the same `names` settings and
+    data of the same fingerprint."""
+    for name in names:
+        if state.get(name) != getattr(stream, name):
+            raise ValueError(f"loader state has {name}={state.get(name)!r} but this loader has "
+                             f"{name}={getattr(stream, name)!r}: the stream cannot be resumed exactly; "
+                             f"use the saved {name}")
+    if state.get("data_fingerprint") != stream.meta["fingerprint"]:
+        saved = str(state.get("data_fingerprint"))[:12]
+        raise ValueError(f"loader state was saved on data with fingerprint {saved} but {stream.data_dir!r} holds "
+                         f"{stream.meta['fingerprint'][:12]}: the data was re-prepared from other inputs, so the "
+                         f"stream cannot be resumed exactly")
+
+
 class TokenLoader:
     """Batches of windows of block_size + 1 tokens from one split of a prepared data_dir.
 
@@ -72,18 +104,7 @@ class TokenLoader:
 
     def next_batch(self):
         """(x, y) int64 of shape (batch_size, block_size), y = x shifted left by one token."""
-        starts: list[np.ndarray] = []
-        need = self.batch_size
-        while need:
-            order = self._epoch_starts(self.epoch)
-            take = order[self.pos: self.pos + need]
-            starts.append(take)
-            need -= len(take)
-            self.pos += len(take)
-            if self.pos >= len(order):
-                self.epoch, self.pos = self.epoch + 1, 0
-        self.batches += 1
-        return self._gather(np.concatenate(starts))
+        return self._gather(next_entries(self, self._epoch_starts))
 
     def state_dict(self) -> dict:
         """Plain ints and strings (JSON-able): where the stream is, and what it must be resumed with."""
@@ -92,16 +113,7 @@ class TokenLoader:
                 "data_fingerprint": self.meta["fingerprint"]}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("seed", "split", "block_size", "world_size"):
-            if state.get(name) != getattr(self, name):
-                raise ValueError(f"loader state has {name}={state.get(name)!r} but this loader has "
-                                 f"{name}={getattr(self, name)!r}: the stream cannot be resumed exactly; "
-                                 f"use the saved {name}")
-        if state.get("data_fingerprint") != self.meta["fingerprint"]:
-            saved = str(state.get("data_fingerprint"))[:12]
-            raise ValueError(f"loader state was saved on data with fingerprint {saved} "
-                             f"but {self.data_dir!r} holds {self.meta['fingerprint'][:12]}: the data was re-prepared "
-                             f"from other inputs, so the stream cannot be resumed exactly")
+        check_resumable(self, state, ("seed", "split", "block_size", "world_size"))
         self.epoch, self.pos, self.batches = int(state["epoch"]), int(state["pos"]), int(state.get("batches", 0))
 
     def num_eval_batches(self, num_batches: int) -> int:

@@ -38,6 +38,7 @@ from blues.data.data_dir import (
     incomplete_reason,
     load_meta,
     locked,
+    make_writable,
     new_tmp_dir,
     read_meta,
     remove_stale_tmp,
@@ -209,12 +210,7 @@ def prepare(data_dir: Optional[str] = None, input_dir: Optional[str] = None, dat
         source = DirSource(input_dir, text_field, exclude=(data_dir,))
     elif dataset is None:
         source = BuiltinSource(corpus or DEFAULT_CORPUS)
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-        open(os.path.join(data_dir, LOCK_FILE), "a").close()
-    except OSError as e:
-        raise ValueError(f"data_dir {data_dir!r} is not writable ({e.strerror}): pass a --data_dir you "
-                         f"can write to") from None
+    make_writable(data_dir)
 
     with locked(data_dir):
         if dataset is not None:  # inside the lock: it may download into data_dir/hf_cache
