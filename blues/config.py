@@ -21,6 +21,7 @@ ATTN_BACKENDS = ("auto", "flash", "sdpa", "math")
 MOE_BACKENDS = ("auto", "torch", "triton", "deepspeed")
 ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
 QK_NORMS = ("none", "head", "full")
+FREEZE_CHOICES = ("none", "encoder", "all_but_projector", "all_but_moe")
 # rope_scaling's rope_type -> the keys it needs (blues.attention.rope_inv_freq); Hugging Face's names
 ROPE_TYPES = {"linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -273,6 +274,11 @@ class TrainConfig:
     """Keep every MoE layer's router weights as they are (fine-tuning a trained MoE: the experts adapt,
     the routing does not move); they leave the optimizer. Refused with balance_bias_rate > 0 or dead-expert
     revival, which move the routing themselves."""
+    freeze: str = "none"
+    """Parameters kept as they are (they leave the optimizer), MoE-LLaVA's training stages: "none";
+    "encoder" (the vision encoder; stage II: projector and language model train); "all_but_projector"
+    (stage I: only the vision projector trains); "all_but_moe" (stage III: only the MoE layers' experts
+    and routers train). The first two need vision_enabled."""
     seed: int = 1337
     eval_interval: int = 100
     eval_steps: int = 20
@@ -290,6 +296,7 @@ class TrainConfig:
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             non_negative(name, getattr(self, name))
         require(self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be <= lr={self.lr}")
+        require(self.freeze in FREEZE_CHOICES, "freeze", self.freeze, f"expected one of {', '.join(FREEZE_CHOICES)}")
         require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", self.warmup_steps,
                 "expected an integer >= 0")
         if self.lr_decay_steps is not None:
@@ -459,6 +466,13 @@ class BluesConfig:
                         "freeze_router=false")
         if self.vision.vision_enabled:
             self._check_vision()
+        else:
+            require(self.train.freeze not in ("encoder", "all_but_projector"), "freeze", self.train.freeze,
+                    "freezes around the vision tower, but vision_enabled=false: set vision_enabled=true or "
+                    "freeze=none|all_but_moe")
+            for name in ("contrastive_steps", "contrastive_weight"):
+                require(not getattr(self.vision, name), name, getattr(self.vision, name),
+                        "aligns images with captions, but vision_enabled=false: set vision_enabled=true or 0")
 
     def _check_vision(self) -> None:
         """What the vision part needs of the text model: a placeholder id inside the vocabulary, and
@@ -466,6 +480,8 @@ class BluesConfig:
         v, V = self.vision, self.model.vocab_size
         require(v.image_token_id is None or v.image_token_id < V, "image_token_id", v.image_token_id,
                 f"must be below vocab_size={V} (the tokenizer with its image specials decides both)")
+        require(v.contrastive_steps <= self.train.max_steps, "contrastive_steps", v.contrastive_steps,
+                f"must be <= max_steps={self.train.max_steps} (the stage is the first contrastive_steps steps)")
         n = num_image_tokens(v)
         require(n + 2 <= self.model.block_size, "image_size", v.image_size,
                 f"gives {n} image tokens (+2 for start/end) but block_size={self.model.block_size}: raise "

@@ -97,7 +97,7 @@ class Blues(nn.Module):
         # state dict are what they were before vision existed.
         self.vision = None
         if config.vision.vision_enabled:
-            from blues.vision.encoder import VisionTower
+            from blues.vision.tower import VisionTower
             self.vision = VisionTower(config)
         self.gradient_checkpointing = False
         self.tokenizer = None  # set by from_pretrained when the folder holds one

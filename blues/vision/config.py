@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from blues.common import positive_int, require
+from blues.common import non_negative, positive_int, require
 
 IMAGE_START = "<|image_start|>"
 IMAGE = "<|image|>"  # one placeholder per image token; the model puts an image feature at each
@@ -36,6 +36,17 @@ class VisionConfig:
     and Kimi-VL's pixel shuffle); needs an even number of patches per side."""
     image_token_id: Optional[int] = None
     """Id of the <|image|> placeholder; None = taken from the tokenizer's specials at train start."""
+    vision_pretrained: Optional[str] = None
+    """A local Hugging Face folder holding a CLIP or SigLIP vision model (config.json and weights): its
+    vision tower replaces Blues' own ViT encoder (image_size and patch_size must match the folder's;
+    vision_n_layer, vision_n_head, vision_n_embd and vision_ffn_size are then not used). None = Blues' ViT."""
+    contrastive_steps: int = 0
+    """The contrastive alignment stage: the first contrastive_steps optimizer steps train only a
+    temperature-scaled InfoNCE loss between pooled image and pooled caption embeddings (in-batch
+    negatives, learnable logit scale), then language modelling takes over. 0 = no such stage."""
+    contrastive_weight: float = 0.0
+    """After the contrastive stage (or from the start without one), loss = language-model loss +
+    contrastive_weight * InfoNCE: alignment beside language modelling. 0 = off."""
 
     def __post_init__(self):
         require(isinstance(self.vision_enabled, bool), "vision_enabled", self.vision_enabled,
@@ -52,6 +63,13 @@ class VisionConfig:
                 "or patch_size, or set merge_patches=false")
         require(self.vision_n_embd % (2 * self.vision_n_head) == 0, "vision_n_embd", self.vision_n_embd,
                 f"must be divisible by 2 * vision_n_head={2 * self.vision_n_head} (heads of an even width)")
+        require(isinstance(self.contrastive_steps, int) and not isinstance(self.contrastive_steps, bool)
+                and self.contrastive_steps >= 0, "contrastive_steps", self.contrastive_steps,
+                "expected an integer >= 0 (0 = no contrastive stage)")
+        non_negative("contrastive_weight", self.contrastive_weight)
+        require(self.vision_pretrained is None or (isinstance(self.vision_pretrained, str) and self.vision_pretrained),
+                "vision_pretrained", self.vision_pretrained,
+                "expected the path of a local Hugging Face CLIP or SigLIP folder, or null for Blues' own encoder")
         if self.image_token_id is not None:
             require(isinstance(self.image_token_id, int) and not isinstance(self.image_token_id, bool)
                     and self.image_token_id >= 0, "image_token_id", self.image_token_id,
