@@ -40,6 +40,10 @@ class VisionConfig:
     """A local Hugging Face folder holding a CLIP or SigLIP vision model (config.json and weights): its
     vision tower replaces Blues' own ViT encoder (image_size and patch_size must match the folder's;
     vision_n_layer, vision_n_head, vision_n_embd and vision_ffn_size are then not used). None = Blues' ViT."""
+    vision_pretrained_config: Optional[dict] = None
+    """The vision config of the vision_pretrained folder (its config.json's vision part), recorded when
+    training starts, so that a saved model rebuilds its tower without the folder (the weights come from
+    the saved model). Set by Blues, not by hand."""
     contrastive_steps: int = 0
     """The contrastive alignment stage: the first contrastive_steps optimizer steps train only a
     temperature-scaled InfoNCE loss between pooled image and pooled caption embeddings (in-batch
@@ -70,6 +74,9 @@ class VisionConfig:
         require(self.vision_pretrained is None or (isinstance(self.vision_pretrained, str) and self.vision_pretrained),
                 "vision_pretrained", self.vision_pretrained,
                 "expected the path of a local Hugging Face CLIP or SigLIP folder, or null for Blues' own encoder")
+        require(self.vision_pretrained_config is None or isinstance(self.vision_pretrained_config, dict),
+                "vision_pretrained_config", self.vision_pretrained_config,
+                "expected the recorded Hugging Face vision config (a mapping) or null")
         if self.image_token_id is not None:
             require(isinstance(self.image_token_id, int) and not isinstance(self.image_token_id, bool)
                     and self.image_token_id >= 0, "image_token_id", self.image_token_id,
