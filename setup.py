@@ -38,11 +38,11 @@ setup(
         # transformers: tests/test_hf.py's references (tiny Mixtral / Qwen3-MoE built from a config, no download);
         # matplotlib: blues-experts plot and benchmarks/quality.py's PNG. 5.23+ breaks DeepSpeed 0.19.8's AutoEP.
         # Pillow: blues-prepare --images and the vision tests; tokenizers (with transformers): a Hugging Face
-        # tokenizer.json (blues/data/hf_tokenizer.py)
+        # tokenizer.json (blues/data/hf_tokenizer.py); transformers in vision: vision_pretrained's CLIP / SigLIP towers
         "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "ruff==0.17.6", "transformers==5.22.2",
                 "matplotlib>=3.8", "Pillow>=9"],
         "hf": ["tokenizers>=0.15"],
-        "vision": ["Pillow>=9"],
+        "vision": ["Pillow>=9", "transformers==5.22.2"],
         "flash": ["flash-attn>=2.6"],
         # benchmarks/ep_throughput.py: DeepSpeed 0.19.8's AutoEP on HF Mixtral (5.23+ breaks its preset);
         # benchmarks/quality.py: its PNG of validation loss against steps and seconds

@@ -20,3 +20,23 @@ def write_rows(path: str, rows: list[dict]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps({"time": stamp, "machine": machine(), **row}) + "\n")
+
+
+def blues_train(preset: str, overrides: list[str], threads: int) -> float:
+    """blues-train --preset PRESET OVERRIDES, as its own loop (blues.train.train: steps, evaluation, checkpoint,
+    export to out_dir/model) in this process; returns its wall seconds (data preparation included, once per
+    data_dir). SystemExit when training stops with an error code.
+
+    In-process rather than the console script only to set the thread count after init_distributed (which
+    gives one rank every core: on a shared 2-core machine two threads ran 20x slower)."""
+    from blues import train as T
+    from blues.presets import load_config
+    print(f"blues-train --preset {preset}", " ".join(overrides), flush=True)
+    t0 = time.perf_counter()
+    dist = T.init_distributed()
+    torch.set_num_threads(threads)
+    run = T.build_engine(load_config(preset=preset, overrides=overrides), dist=dist)
+    rc = T.train(run, progress=False, prompt=None)
+    if rc != 0:
+        raise SystemExit(f"training stopped with exit code {rc}")
+    return time.perf_counter() - t0

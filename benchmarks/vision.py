@@ -4,11 +4,12 @@
     python benchmarks/vision.py --smoke           # 30 steps, 32 images: the script works (~1 min)
     python benchmarks/vision.py --max_steps 600 --set lr=3e-3 --out /tmp/v.jsonl
 
-1. blues-train's loop (blues.train.train, in this process: one CPU rank, the built-in ZeRO 2 config)
-   trains the tiny preset with vision on: vision_enabled=true, vocab_size=4099 (the default tokenizer plus the three
-   image tokens), 48 px images in 16 px patches, so each of the 3 x 3 patches is one cell of the
-   synthetic set's position grid (9 image tokens), block_size 32 (the span, the longest caption, eot).
-   The data is the built-in synthetic set (blues.data.shapes: one coloured shape per image, captioned
+1. blues-train's loop (_common.blues_train: blues.train.train in this process, one CPU rank, the built-in
+   ZeRO 2 config) trains the tiny_vl preset: vocab_size=4099 (the default tokenizer plus the three image
+   tokens), 48 px images in 16 px patches, so each of the 3 x 3 patches is one cell of the synthetic set's
+   position grid (9 image tokens), block_size 32 (the span, the longest caption, eot), and its recipe
+   (blues.presets.tiny_vl says why): micro-batches of 128, the contrastive stage first, then language
+   modelling beside the contrastive loss. The data is the built-in synthetic set (blues.data.shapes: one coloured shape per image, captioned
    "a {colour} {shape} at the {position}"), written into a temporary data_dir by the run itself.
 2. For --num_images held-out images (the val split, which training never sees) the exported model
    decodes greedily from the image span and "a" (CAPTION_PROMPT); the caption is parsed with
@@ -29,39 +30,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 ATTRIBUTES = ("colour", "shape", "position")
-# NOTE: init_std 0.06, not the preset's 0.02. Before the projector's max-pooled half existed
-# (blues.vision.encoder.Projector says why it does), the decoder stayed at the image-blind loss (colour
-# token at ln 6) for 400 steps of blues-train at 0.02; at 0.06 one seed of two left it by step 300
-# (plain AdamW, lr 2e-3). With the max-pooled half, 600 steps here (118 s) named the colour of 100 %
-# of the held-out images, the shape and position still at chance (19 %, 10 %); 1500 steps (652 s on
-# a shared machine): colour 100 %, position 86 %, shape 19 % (always "circle"), all three 17 %; with
-# noise instead of the image 18 / 19 / 11 / 0.7 %. patch_size=8 with merge_patches: 1500 steps, shape
-# and position at chance. The acceptance's 90 % on all three is not reached yet (results/vision.jsonl).
-VISION = ["vision_enabled=true", "vocab_size=4099", "image_size=48", "patch_size=16", "block_size=32",
-          "vision_n_layer=2", "vision_n_embd=128", "vision_n_head=4", "vision_ffn_size=256", "init_std=0.06"]
-
-
-def train(data: str, out: str, max_steps: int, overrides: list[str], threads: int) -> float:
-    """blues-train's own loop (blues.train.train: steps, evaluation, checkpoint, export to out/model) in
-    this process; returns its wall seconds (data preparation included, once per data_dir).
-
-    In-process rather than the console script only to set the thread count after init_distributed
-    (which gives one rank every core: on a shared 2-core machine two threads ran 20x slower)."""
-    import torch
-
-    from blues import train as T
-    from blues.presets import load_config
-    items = [*VISION, f"max_steps={max_steps}", f"data_dir={data}", f"out_dir={out}", "eval_interval=100",
-             f"save_interval={max_steps}", "log_interval=50", *overrides]
-    print("blues-train --preset tiny", " ".join(items), flush=True)
-    t0 = time.perf_counter()
-    dist = T.init_distributed()
-    torch.set_num_threads(threads)
-    run = T.build_engine(load_config(preset="tiny", overrides=items), dist=dist)
-    rc = T.train(run, progress=False, prompt=None)
-    if rc != 0:
-        raise SystemExit(f"training stopped with exit code {rc}")
-    return time.perf_counter() - t0
 
 
 def held_out(data: str, num_images: int):
@@ -104,7 +72,7 @@ def accuracy(model, samples, noise: bool, seed: int = 0) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--max_steps", type=int, default=500)
+    p.add_argument("--max_steps", type=int, default=500, help="tiny_vl's max_steps")
     p.add_argument("--num_images", type=int, default=300)
     p.add_argument("--set", nargs="*", default=[], help="more blues-train overrides key=value")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training and decoding")
@@ -114,13 +82,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.max_steps, args.num_images = 30, 32
-    from _common import write_rows
+    from _common import blues_train, write_rows
 
     from blues.model import Blues
     work = args.work or tempfile.mkdtemp(prefix="blues_vision_")
     data, out = os.path.join(work, "data"), os.path.join(work, "run")
     load_before = os.getloadavg()[0]
-    seconds = train(data, out, args.max_steps, args.set, args.threads)
+    items = [f"max_steps={args.max_steps}", f"data_dir={data}", f"out_dir={out}", "eval_interval=100",
+             f"save_interval={args.max_steps}", "log_interval=50", *args.set]
+    if args.smoke:  # the stage must fit in the run (contrastive_steps <= max_steps)
+        items.insert(1, f"contrastive_steps={args.max_steps // 2}")
+    seconds = blues_train("tiny_vl", items, args.threads)
     model = Blues.from_pretrained(os.path.join(out, "model")).eval()
     samples = held_out(data, args.num_images)
     t0 = time.perf_counter()
@@ -134,7 +106,7 @@ def main(argv=None) -> int:
     for ex in real["examples"]:
         print(f"  {ex['caption']!r}  (truth {ex['truth']})")
     row = {"benchmark": "vision", "command": "python benchmarks/vision.py " + " ".join(argv or sys.argv[1:]),
-           "max_steps": args.max_steps, "overrides": VISION + args.set, "train_seconds": round(seconds, 1),
+           "preset": "tiny_vl", "max_steps": args.max_steps, "overrides": args.set, "train_seconds": round(seconds, 1),
            "num_images": len(samples), "accuracy": {k: v for k, v in real.items() if k != "examples"},
            "noise_accuracy": {k: v for k, v in noise.items() if k != "examples"}, "examples": real["examples"],
            "decode_seconds": round(decode_s, 1), "loadavg_1m_before": round(load_before, 2),

@@ -343,7 +343,7 @@ ARCHITECTURE_FIELDS = (
     "dense_ffn_size", "head_dim", "qk_norm", "attention_bias", "qkv_bias", "dense_layers", "shared_expert_ffn_size",
     "shared_expert_gate",
     "vision_enabled", "image_size", "patch_size", "vision_n_layer", "vision_n_head", "vision_n_embd",
-    "vision_ffn_size", "merge_patches",
+    "vision_ffn_size", "merge_patches", "vision_pretrained_config",
 )
 
 

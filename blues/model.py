@@ -7,6 +7,8 @@ where attn is grouped-query attention with RoPE (heads of head_dim, optionally Q
 with biases) and mlp is an MoE layer, or a dense SwiGLU where MoEConfig.is_moe_layer says so.
 With vision_enabled, a vision tower (blues.vision.encoder) puts image tokens at the <|image|>
 placeholders of tok_emb's output and adds a modality embedding; they go through the same blocks.
+With contrastive_steps or contrastive_weight, contrastive heads (blues.vision.contrastive) align
+pooled image and caption embeddings; forward(..., contrastive="only" | "add") computes that loss.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from blues.common import atomic_write, atomic_write_json
 from blues.config import BluesConfig
 from blues.moe import Experts, MoE, SwiGLU
 from blues.moe.expert_parallel import checkpoint_contexts
+from blues.vision.contrastive import MODES as CONTRASTIVE_MODES
+from blues.vision.contrastive import ContrastiveHeads, ContrastiveOutput, caption_rows, has_contrastive
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -52,14 +56,15 @@ def keep_shapes(config: BluesConfig, new: BluesConfig) -> BluesConfig:
 
 
 class BluesOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, V)
-    loss: Optional[torch.Tensor]  # ce_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss
+    logits: Optional[torch.Tensor]  # (B, T, V); None with contrastive="only" (no language-model pass)
+    loss: Optional[torch.Tensor]  # ce_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss (+ contrastive)
     ce_loss: Optional[torch.Tensor]
     aux_loss: torch.Tensor  # unweighted, mean over MoE layers
     z_loss: torch.Tensor  # unweighted, mean over MoE layers
     expert_counts: Optional[torch.Tensor]  # (L_moe, E) long, assignments kept per expert
     dropped: torch.Tensor  # long scalar, assignments dropped by capacity, all layers
     expert_selected: Optional[torch.Tensor]  # (L_moe, E) long, assignments chosen per expert (before capacity)
+    contrastive: Optional[ContrastiveOutput] = None  # forward(..., contrastive=...) only: loss, embeddings
 
 
 class Block(nn.Module):
@@ -99,6 +104,9 @@ class Blues(nn.Module):
         if config.vision.vision_enabled:
             from blues.vision.tower import VisionTower
             self.vision = VisionTower(config)
+        self.contrastive = None  # the same rule: only when contrastive_steps or contrastive_weight is set
+        if has_contrastive(config):
+            self.contrastive = ContrastiveHeads(config)
         self.gradient_checkpointing = False
         self.tokenizer = None  # set by from_pretrained when the folder holds one
         self.apply(self._init_weights)
@@ -136,22 +144,64 @@ class Blues(nn.Module):
             self.vision.encoder.gradient_checkpointing = on
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None, images: Optional[torch.Tensor] = None) -> BluesOutput:
+                kv_cache: Optional[KVCache] = None, images: Optional[torch.Tensor] = None,
+                contrastive: Optional[str] = None) -> BluesOutput:
         """input_ids (B, T); targets (B, T), -1 where no loss is taken; images (M, 3, S, S) in [0, 1],
-        one per <|image|> span in row-major order (vision_enabled only)."""
+        one per <|image|> span in row-major order (vision_enabled only).
+
+        contrastive (a model with contrastive heads, blues.vision.contrastive; needs targets and one
+        image per row): None, language modelling alone; "only", the InfoNCE loss alone (the contrastive
+        stage: no language-model pass, logits None, ce_loss NaN); "add", the language-model loss +
+        contrastive_weight * InfoNCE. The MoE balance terms are in the loss in every mode."""
         B, T = input_ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.model.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.model.block_size}")
-        cos, sin = self.rope(start, T)
-        x = self.tok_emb(input_ids)  # (B, T, D)
-        if self.vision is not None:
-            x = self.vision(input_ids, x, images)  # (B, T, D): image tokens at the placeholders
-        elif images is not None:
-            raise ValueError("images were given to a text-only model (vision_enabled=false): load or train a "
-                             "vision model, or leave images out")
-        x = self.drop(x)
-        aux, zl, counts, dropped, selected = [], [], [], [], []
+        if contrastive is not None:
+            self._check_contrastive(contrastive, targets, images, kv_cache)
+        passes: list[list[tuple]] = []  # per decoder pass, per MoE layer: (aux, z, counts, dropped, selected)
+        logits = ce = loss = con = None
+        if contrastive != "only":
+            cos, sin = self.rope(start, T)
+            x = self.tok_emb(input_ids)  # (B, T, D)
+            if self.vision is not None:
+                x = self.vision(input_ids, x, images)  # (B, T, D): image tokens at the placeholders
+            elif images is not None:
+                raise ValueError("images were given to a text-only model (vision_enabled=false): load or train a "
+                                 "vision model, or leave images out")
+            x = self._decode(self.drop(x), cos, sin, kv_cache, passes)
+            if kv_cache is not None:
+                kv_cache.advance(T)
+            logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if contrastive is not None:
+            con = self._contrastive(targets, images, passes)
+
+        zero = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+        layers = [s for p in passes for s in p]
+        aux_loss = torch.stack([s[0] for s in layers]).mean() if layers else zero
+        z = torch.stack([s[1] for s in layers]).mean() if layers else zero
+        # (L_moe, E): summed over the passes (with contrastive, the caption pass routes tokens too)
+        expert_counts = sum(torch.stack([s[2] for s in p]) for p in passes) if layers else None
+        selected = sum(torch.stack([s[4] for s in p]) for p in passes) if layers else None
+        n_dropped = (torch.stack([s[3] for s in layers]).sum() if layers
+                     else torch.zeros((), dtype=torch.long, device=input_ids.device))
+        if targets is not None:
+            mo = self.config.moe
+            balance = mo.aux_loss_coef * aux_loss + mo.z_loss_coef * z
+            if logits is not None:
+                ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+                loss = ce + balance
+            else:
+                ce = zero + float("nan")  # no language-model pass in the contrastive stage
+                loss = con.loss + balance
+            if contrastive == "add":
+                loss = loss + self.config.vision.contrastive_weight * con.loss
+        return BluesOutput(logits, loss, ce, aux_loss, z, expert_counts, n_dropped, selected, con)
+
+    def _decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: Optional[KVCache],
+                passes: list) -> torch.Tensor:
+        """The blocks: x (B, T, D) -> (B, T, D); appends this pass's MoE statistics to `passes`."""
+        stats = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and kv_cache is None:
                 outs = checkpoint(block, x, cos, sin, use_reentrant=False,
@@ -160,27 +210,34 @@ class Blues(nn.Module):
                 outs = block(x, cos, sin, kv_cache)
             x = outs[0]
             if len(outs) > 1:
-                aux.append(outs[1])
-                zl.append(outs[2])
-                counts.append(outs[3])
-                dropped.append(outs[4])
-                selected.append(outs[5])
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+                stats.append(outs[1:])
+        if stats:
+            passes.append(stats)
+        return x
 
-        zero = logits.new_zeros((), dtype=torch.float32)
-        aux_loss = torch.stack(aux).mean() if aux else zero
-        z = torch.stack(zl).mean() if zl else zero
-        expert_counts = torch.stack(counts) if counts else None
-        n_dropped = torch.stack(dropped).sum() if dropped else torch.zeros((), dtype=torch.long, device=x.device)
-        ce = loss = None
-        if targets is not None:
-            ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            mo = self.config.moe
-            loss = ce + mo.aux_loss_coef * aux_loss + mo.z_loss_coef * z
-        return BluesOutput(logits, loss, ce, aux_loss, z, expert_counts, n_dropped,
-                           torch.stack(selected) if selected else None)
+    def _check_contrastive(self, contrastive: str, targets, images, kv_cache) -> None:
+        """ValueError naming what forward(..., contrastive=...) lacks."""
+        if contrastive not in CONTRASTIVE_MODES:
+            raise ValueError(f"contrastive={contrastive!r} is invalid: expected None or one of "
+                             f"{', '.join(CONTRASTIVE_MODES)}")
+        if self.contrastive is None:
+            raise ValueError(f"contrastive={contrastive!r} but this model has no contrastive heads: build it with "
+                             "contrastive_steps > 0 or contrastive_weight > 0")
+        if targets is None or images is None or kv_cache is not None or images.shape[0] != targets.shape[0]:
+            got = "none" if images is None else images.shape[0]
+            raise ValueError(f"contrastive={contrastive!r} needs targets (the captions are their loss-taking tokens) "
+                             f"and one image per row, without a KV cache: got images={got} for "
+                             f"{'no targets' if targets is None else f'{targets.shape[0]} rows'}")
+
+    def _contrastive(self, targets: torch.Tensor, images: torch.Tensor, passes: list) -> ContrastiveOutput:
+        """The InfoNCE loss of the batch: the decoder runs on the caption rows alone (no image span, the
+        text modality embedding), the tower encodes the images (a second time after an "add" pass:
+        VisionTower.forward keeps its image tokens to itself)."""
+        rows, mask, same = caption_rows(targets)  # (B, Tc) each, same (B, B)
+        cos, sin = self.rope(0, rows.shape[1])
+        x = self.vision(rows, self.tok_emb(rows), None)  # (B, Tc, D)
+        h = self.norm(self._decode(self.drop(x), cos, sin, None, passes))  # (B, Tc, D)
+        return self.contrastive(self.vision.encode(images), h, mask, same)
 
     # ------------------------------------------------------------------ accounting
     def num_params(self, active_only: bool = False, non_embedding: bool = False) -> int:

@@ -15,6 +15,9 @@ and writes
     expert_load.png   heatmap per MoE layer: experts (rows) by logged steps (columns), load / ideal load
     loss.png          train and validation loss against steps, and against wall-clock seconds
     final_load.png    bars per MoE layer: each expert's load / ideal load at the last logged step
+and, for a vision run (blues.train.modality's events at each evaluation: moe_modality_share_layer_<i>_
+image|text_expert_<j>.csv, moe_layer_<i>_modality_tv.csv),
+    modality_load.png image tokens' and text tokens' share per expert and layer at the last evaluation
 Each figure is drawn at a fixed size (figure_size below, at DPI), so its pixel size is known.
 
 `report` runs the model (eval mode, the stacked MoE layer's own route op, before any capacity cut, with
@@ -26,6 +29,12 @@ writes
                                   expert, colour = c[l, v, e] / occurrences of v (each row sums to top_k)
     top_tokens.md                 per MoE layer and expert: its share of the layer's assignments and the
                                   TOKENS_PER_EXPERT tokens sent to it most often (decoded), with counts
+A vision model (val batches of prepared image-text data, images included) adds, from the same pass
+(blues.train.modality: image tokens, text tokens, padding left out):
+    modality_load.png             two heatmaps, image tokens and text tokens: MoE layer by expert, colour =
+                                  the modality's share of the layer's assignments; tv per layer
+    top_tokens.md                 a second part: per layer and expert the image and text shares, and the
+                                  experts image tokens prefer
 
 Exit codes: 0 written, 2 a user error, one line on stderr: a RUN_DIR that is missing or holds no monitor
 CSV; a MODEL_DIR or DATA_DIR that is missing or not one, a model without MoE layers, a val split too
@@ -33,12 +42,13 @@ small for one window, tokenizers that differ, --batches or --batch_size below 1.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import re
 import sys
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from blues.common import OneLineParser, run_cli
 
@@ -48,6 +58,7 @@ if TYPE_CHECKING:
 PROG = "blues-experts"
 DPI = 100
 UTIL_RE = re.compile(r"^moe_expert_utilization_layer_(\d+)_expert_(\d+)\.csv$")
+MODALITY_RE = re.compile(r"^moe_modality_share_layer_(\d+)_(image|text)_expert_(\d+)\.csv$")
 
 
 def figure_size(name: str, num_layers: int) -> tuple[float, float]:
@@ -56,6 +67,8 @@ def figure_size(name: str, num_layers: int) -> tuple[float, float]:
         return (12.0, 4.5)
     if name == "token_experts":  # one layer per PNG
         return (10.0, 9.0)
+    if name == "modality_load":  # one row of cells per layer
+        return (12.0, 2.2 + 0.5 * num_layers)
     per_layer = {"expert_load": 2.0, "final_load": 1.8}[name]
     return (10.0, 1.2 + per_layer * num_layers)
 
@@ -111,6 +124,29 @@ def read_utilization(monitor_dir: str) -> tuple[list[int], list[int], list[int],
         return [], [], [], []
     util = [[[series.get((i, j), {}).get(s, math.nan) for s in steps] for j in experts] for i in layers]
     return layers, steps, experts, util
+
+
+def read_modality(monitor_dir: str) -> tuple[list[int], list[int], Optional[int], "list[list[list[float]]]",
+                                              list[float]]:
+    """-> (block numbers, experts, step, share[m][layer][expert], tv[layer]) at the last evaluation that logged
+    per-modality expert load (blues.train.modality; m 0 image, 1 text); NaN where a value is missing.
+    Empty lists and step None when the run logged none (a text-only run)."""
+    series: dict[tuple[int, int, int], dict[int, float]] = {}
+    for name in os.listdir(monitor_dir):
+        m = MODALITY_RE.match(name)
+        if m:
+            key = (int(m.group(1)), ("image", "text").index(m.group(2)), int(m.group(3)))
+            series[key] = read_series(os.path.join(monitor_dir, name))
+    steps = sorted({s for v in series.values() for s in v})
+    if not steps:
+        return [], [], None, [], []
+    layers, experts, step = sorted({i for i, _, _ in series}), sorted({j for _, _, j in series}), steps[-1]
+    share = [[[series.get((i, mod, j), {}).get(step, math.nan) for j in experts] for i in layers] for mod in (0, 1)]
+    tv = []
+    for i in layers:
+        p = os.path.join(monitor_dir, f"moe_layer_{i}_modality_tv.csv")
+        tv.append(read_series(p).get(step, math.nan) if os.path.isfile(p) else math.nan)
+    return layers, experts, step, share, tv
 
 
 def monotone_clock(elapsed: dict[int, float]) -> dict[int, float]:
@@ -201,6 +237,27 @@ def plot_losses(train: dict[int, float], val: dict[int, float], elapsed: dict[in
     return _save(plt, fig, path)
 
 
+def plot_modality_load(layers, experts, share, tv, title: str, path: str) -> str:
+    """Two heatmaps side by side, image tokens (left) and text tokens (right): MoE layer (y) by expert (x),
+    colour = the share of the modality's top-k assignments on that expert (a row sums to 1); each row is
+    labelled with its image-text total variation (0 the same experts, 1 disjoint). share[m][layer][expert]."""
+    plt, fig, axes = _figure("modality_load", len(layers), 1, 2)
+    vmax = max([v for m in share for row in m for v in row if not math.isnan(v)] + [1e-9])
+    labels = [f"block {i}  tv {t:.2f}" if not math.isnan(t) else f"block {i}" for i, t in zip(layers, tv)]
+    top, bottom = 1 - 0.6 / fig.get_figheight(), 0.6 / fig.get_figheight()
+    fig.subplots_adjust(left=0.12, right=0.88, top=top, bottom=bottom, wspace=0.08)
+    for ax, m, name in zip(axes[0], share, ("image", "text")):
+        im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")  # (L, E)
+        ax.set_xticks(range(len(experts)), [str(j) for j in experts], fontsize=7 if len(experts) > 32 else 9)
+        ax.set_yticks(range(len(layers)), labels if name == "image" else [], fontsize=8)
+        ax.set_xlabel("expert")
+        ax.set_title(f"{name} tokens", fontsize=10)
+    # a colour bar of its own axes: one taken from the heatmaps' would be undone by subplots_adjust
+    fig.colorbar(im, cax=fig.add_axes((0.9, bottom, 0.015, top - bottom)), label="share of assignments")
+    fig.suptitle(title, fontsize=10)
+    return _save(plt, fig, path)
+
+
 def plot_run(run_dir: str, out_dir: Optional[str] = None) -> list[str]:
     """Every picture of a run; returns the PNG paths written (no expert telemetry: the loss curves only)."""
     mon = find_monitor_dir(run_dir)
@@ -223,7 +280,12 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> list[str]:
         written.append(plot_final_load(layers, steps, experts, util, os.path.join(out_dir, "final_load.png")))
     else:
         print(f"{PROG}: {mon} holds no per-expert telemetry (moe_expert_utilization_*.csv: a dense model, or a run "
-              "logged before it existed): loss curves only", file=sys.stderr)
+              "logged before it existed): no expert_load.png or final_load.png", file=sys.stderr)
+    mod_layers, mod_experts, step, share, tv = read_modality(mon)
+    if mod_layers:  # a vision run: which experts image and text tokens used at its last evaluation
+        written.append(plot_modality_load(mod_layers, mod_experts, share, tv,
+                                          f"expert load of image and text tokens, validation at step {step}",
+                                          os.path.join(out_dir, "modality_load.png")))
     return written
 
 
@@ -233,49 +295,34 @@ TOP_TOKENS = 40  # rows of the token-to-expert heatmap: the data's most frequent
 TOKENS_PER_EXPERT = 8  # tokens listed per expert in top_tokens.md
 
 
+@contextlib.contextmanager
+def token_expert_counter(model, layers) -> "Iterator[torch.Tensor]":
+    """Within the block, count c[l, v, e] over every forward of `model`: yields the (L, V, E) int64 tensor it
+    fills, for the MoE `layers` [(block, layer)] (blues.train.modality.routing_recorder: the routing the
+    layers ran, checked against their own counts)."""
+    import torch
+
+    from blues.train.modality import routing_recorder
+    V, E = model.config.model.vocab_size, model.config.moe.num_experts
+    counts = torch.zeros(len(layers), V, E, dtype=torch.int64)
+
+    def observe(l: int, ids: "torch.Tensor", topk_ids: "torch.Tensor") -> None:
+        tok = ids.reshape(-1, 1).expand_as(topk_ids)  # (N, K): the token of each assignment
+        counts[l].view(-1).add_(torch.bincount((tok * E + topk_ids).reshape(-1).cpu(), minlength=V * E))
+
+    with routing_recorder(model, layers, observe):
+        yield counts
+
+
 def token_expert_counts(model, batches) -> "torch.Tensor":
     """(L, V, E) int64: c[l, v, e], the times token v was routed to expert e in MoE layer l (top-k, before the
-    capacity cut) over `batches` of token ids (each (B, T)), in eval mode; V the model's vocabulary.
-
-    A forward hook on each MoE layer recomputes its routing from its input with the layer's own route op
-    and checks that its per-expert counts equal the layer's `selected` output (as blues.prune does), so
-    the counts describe the routing the model ran."""
-    import torch
-    import torch.nn.functional as F
-
-    from blues.moe.ops import resolve_moe_ops
+    capacity cut) over `batches` (token ids (B, T), or a loader's (x, y) / (x, y, images)), in eval mode; V
+    the model's vocabulary."""
     from blues.prune import moe_layers
-    layers = moe_layers(model)  # [(block, layer)]; ValueError without MoE layers
-    V, E = model.config.model.vocab_size, model.config.moe.num_experts
-    counts = torch.zeros(len(layers), V * E, dtype=torch.int64)
-    current = {}
-
-    def hook(l: int):
-        @torch.no_grad()
-        def observe(layer, args, output) -> None:
-            m, x = layer.cfg, args[0]
-            logits = F.linear(x.reshape(-1, x.shape[-1]).float(), layer.router.weight.float())  # (N, E), as MoE
-            r = resolve_moe_ops(m.moe_backend, x.device).moe_route(
-                logits, m.top_k, score_func=m.router_score_func, norm_topk_prob=m.norm_topk_prob,
-                selection_bias=layer.selection_bias if layer.use_selection_bias else None)
-            assert torch.equal(r.counts, output.selected), (r.counts, output.selected)
-            tok = current["ids"].reshape(-1, 1).expand_as(r.topk_ids)  # (N, K): the token of each assignment
-            counts[l] += torch.bincount((tok * E + r.topk_ids).reshape(-1).cpu(), minlength=V * E)
-        return observe
-
-    handles = [layer.register_forward_hook(hook(l)) for l, (_, layer) in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x in batches:
-                current["ids"] = x.to(model.tok_emb.weight.device)
-                model(current["ids"])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return counts.view(len(layers), V, E)
+    from blues.train.modality import run_batches
+    with token_expert_counter(model, moe_layers(model)) as counts:  # ValueError without MoE layers
+        run_batches(model, batches)
+    return counts
 
 
 def token_label(text: str, markdown: bool = False) -> str:
@@ -327,26 +374,33 @@ def top_tokens_table(counts: "torch.Tensor", blocks: list[int], decode) -> str:
 
 def report_model(model_dir: str, data_dir: str, batches: int = 8, batch_size: int = 8,
                  out_dir: Optional[str] = None) -> list[str]:
-    """blues-experts report: the per-layer token-to-expert heatmaps and top_tokens.md; returns the paths written."""
+    """blues-experts report: the per-layer token-to-expert heatmaps and top_tokens.md (a vision model: also
+    modality_load.png and the image-vs-text table in top_tokens.md); returns the paths written."""
     for name, v in (("batches", batches), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"--{name} {v!r} is invalid: expected a positive integer")
     import torch
 
     from blues.common import atomic_write
+    from blues.data.images import ImageTextLoader
     from blues.data.loader import TokenLoader
     from blues.data.tokenizer import Tokenizer
     from blues.model import Blues
     from blues.prune import moe_layers
+    from blues.train.modality import modality_metrics, modality_shares, modality_table, record_modality, run_batches
     if not os.path.isdir(model_dir):
         raise ValueError(f"MODEL_DIR {model_dir!r} does not exist: give a folder written by save_pretrained "
                          "(blues-train's out_dir/model)")
     model = Blues.from_pretrained(model_dir, ep_size=1)
-    blocks = [i for i, _ in moe_layers(model)]  # no MoE layer: refused before any data is read
+    layers = moe_layers(model)  # no MoE layer: refused before any data is read
+    blocks = [i for i, _ in layers]
     tok = model.tokenizer
-    loader = TokenLoader(data_dir, "val", model.config.model.block_size, batch_size, tokenizer=tok)
+    vision = model.config.vision.vision_enabled
+    loader = (ImageTextLoader if vision else TokenLoader)(data_dir, "val", model.config.model.block_size, batch_size,
+                                                          tokenizer=tok)
     tok = tok or Tokenizer.load(data_dir)
-    counts = token_expert_counts(model, (x for x, _ in loader.eval_batches(batches)))  # (L, V, E)
+    with token_expert_counter(model, layers) as counts, record_modality(model, tok.eot_id) as by_modality:
+        seen = run_batches(model, loader.eval_batches(batches))  # counts (L, V, E); by_modality None: text model
     out_dir = out_dir or os.path.join(model_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
     K = model.config.moe.top_k
@@ -355,8 +409,17 @@ def report_model(model_dir: str, data_dir: str, batches: int = 8, batch_size: in
     labels = [token_label(tok.decode([v])) for v in top]
     written = [plot_token_experts(c[top], labels, b, K, os.path.join(out_dir, f"token_experts_block_{b}.png"))
                for b, c in zip(blocks, counts)]
+    text = top_tokens_table(counts, blocks, lambda v: tok.decode([v]))
+    if by_modality is not None:
+        c = by_modality.counts  # (2, L, E)
+        tv = [modality_metrics(c, blocks).get(f"moe/layer_{b}/modality_tv", math.nan) for b in blocks]
+        share = modality_shares(c).tolist()
+        written.append(plot_modality_load(blocks, list(range(c.shape[2])), share, tv,
+                                          f"expert load of image and text tokens, {seen} val batches",
+                                          os.path.join(out_dir, "modality_load.png")))
+        text += "\n" + modality_table(c, blocks)
     table = os.path.join(out_dir, "top_tokens.md")
-    atomic_write(table, top_tokens_table(counts, blocks, lambda v: tok.decode([v])))
+    atomic_write(table, text)
     return written + [table]
 
 

@@ -35,7 +35,7 @@ from blues.train import build_engine, resume, train, validate
 from blues.train.checkpoint import check_resume, find_resume, read_meta
 from blues.train.debug import DebugConfig
 from blues.train.ds_config import BUILTIN_DS_CONFIG, load_ds_config, zero_stage
-from blues.train.engine import describe
+from blues.train.engine import describe, record_vision_pretrained
 from blues.train.loop import DEFAULT_PROMPT, stop_signals
 
 PROG = "blues-train"
@@ -98,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     say = print if rank == 0 else (lambda *a, **k: None)
     # Every check that needs no process group, once, before anything starts.
-    cfg = _config(args)
+    cfg = record_vision_pretrained(_config(args))  # the tower's recorded config: a resume compares it too
     ds_raw = load_ds_config(args.deepspeed_config) if args.deepspeed_config else BUILTIN_DS_CONFIG
     ds = validate(cfg, ds_raw, int(os.environ.get("WORLD_SIZE", "1")))
     debug = DebugConfig.from_env()

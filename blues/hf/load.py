@@ -183,15 +183,25 @@ def _fill(model: Blues, plan: list[TensorMap], files: dict[str, str]) -> None:
             dest.copy_(_read(t, files[t.hf_name]))
 
 
+def _training_only(name: str) -> bool:
+    """A tensor that only steers training: a layer's selection bias, a contrastive head (contrastive.*)."""
+    return name.endswith(".selection_bias") or name.startswith("contrastive.")
+
+
 def _plan(model: Blues, folder: str, family: Optional[Family]) -> tuple[list[TensorMap], dict[str, str]]:
     """(what to read, tensor name -> file) for loading `folder` (a Hugging Face `family` one, or a
     Blues one for None) into `model`, every name and shape checked first (nothing is half-loaded)."""
     files = hf_weight_files(folder)
     shapes = _disk_shapes(files)
     plan = tensor_map(model, family, set(shapes)) if family is not None else _blues_plan(model)
-    if family is None:  # a run saved with balance_bias_rate > 0, started from with it off: the bias is not read
+    if family is None:
+        # Training-only tensors one side may lack: the selection bias (balance_bias_rate > 0) and the
+        # contrastive heads (a contrastive stage run seeding a language-model run, or the reverse). What
+        # the folder has and the model does not is not read; what the model has and the folder does not
+        # keeps its initial values.
         wanted = {t.hf_name for t in plan}
-        shapes = {n: s for n, s in shapes.items() if n in wanted or not n.endswith(".selection_bias")}
+        shapes = {n: s for n, s in shapes.items() if n in wanted or not _training_only(n)}
+        plan = [t for t in plan if t.hf_name in shapes or not _training_only(t.hf_name)]
     check_tensor_map(plan, shapes, repr(folder), model.config.model.tie_embeddings)
     return plan, files
 

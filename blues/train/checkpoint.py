@@ -55,6 +55,7 @@ from blues.config import BluesConfig
 from blues.train import balance, reshard, revival
 from blues.train.distributed import barrier
 from blues.train.ep_checkpoint import after_load, check_expert_group, expert_group, full_state_dict, save_local_experts
+from blues.vision.contrastive import has_contrastive
 
 if TYPE_CHECKING:
     from blues.train.engine import Run
@@ -69,7 +70,7 @@ TAG_RE = re.compile(r"^step_(\d{8,})$")
 # Settings that are not weight shapes but still fix the checkpoint's layout: DeepSpeed cannot
 # load its partitions under another value. (ep_size is not one: a resume at another ep_size or world
 # size goes through blues.train.reshard, refused there where it cannot work.)
-LAYOUT_FIELDS = ("dtype", "freeze_router")
+LAYOUT_FIELDS = ("dtype", "freeze_router", "freeze")
 
 
 def tag_for(step: int) -> str:
@@ -285,6 +286,10 @@ def check_resume_config(saved: BluesConfig, current: BluesConfig) -> list[str]:
     problems += [f"{k}: {a[k]!r} -> {b[k]!r}" for k in LAYOUT_FIELDS if a[k] != b[k]]
     if (a["moe_backend"] == "deepspeed") != (b["moe_backend"] == "deepspeed"):
         problems.append(f"moe_backend: {a['moe_backend']!r} -> {b['moe_backend']!r} (DeepSpeed's expert layout)")
+    if has_contrastive(saved) != has_contrastive(current):
+        problems.append(f"contrastive heads: {has_contrastive(saved)} -> {has_contrastive(current)} "
+                        f"(contrastive_steps={b['contrastive_steps']}, contrastive_weight={b['contrastive_weight']}: "
+                        "the heads exist when either is non-zero, on both sides or neither)")
     if problems:
         raise ValueError("cannot resume: the checkpoint was trained with another model layout; changed field(s): "
                          + "; ".join(problems))

@@ -1,8 +1,8 @@
 """Build a DeepSpeed engine for a Blues config: small ordered steps, called from build_engine only,
 in this order (torchtitan style, one place, one order):
 
-    init_distributed -> validate (once per start) -> ensure_ep_groups -> prepare_data
-    -> apply_image_token_id -> build_model
+    init_distributed -> validate (once per start) -> ensure_ep_groups -> record_vision_pretrained
+    -> prepare_data -> apply_image_token_id -> build_model -> apply_vision_pretrained
     -> apply_init_from -> apply_freeze -> apply_ac -> apply_ep -> apply_zero3_leaf -> build_optimizer
     -> deepspeed.initialize -> seed_ranks -> build_loaders
 
@@ -71,7 +71,39 @@ def validate(cfg: BluesConfig, ds_config: dict, world_size: int) -> dict:
     if cfg.moe.moe_backend == "deepspeed":
         from blues.moe.deepspeed_moe import check_deepspeed_moe_config
         check_deepspeed_moe_config(cfg)
+    check_freeze(cfg, zero_stage(ds))
     return ds
+
+
+def check_freeze(cfg: BluesConfig, stage: int) -> None:
+    """The freeze combinations that cannot train or resume right: ValueError naming them.
+
+    freeze=all_but_projector freezes the experts and routers too: the balancing bias and dead-expert
+    revival, which move them outside the optimizer, are refused as freeze_router refuses them. With
+    frozen experts DeepSpeed's engine finds MoE layers (moe_backend=deepspeed's own classes) with no MoE
+    optimizer group and stops (stage_1_and_2.py's "None of the param groups are marked as MoE"; the
+    stacked backends drop their engine marker then, apply_ep); and under expert parallelism at ZeRO 1/2
+    a resume gives every EP rank EP rank 0's experts back and repairs them from the fp32 master
+    partitions (blues.train.ep_checkpoint), which frozen experts are not in."""
+    t = cfg.train
+    has_moe = bool(cfg.moe_layer_ids())
+    if t.freeze == "all_but_moe" and not has_moe:
+        raise ValueError("freeze=all_but_moe trains only the MoE layers, but this model has none (every layer is "
+                         "dense): set freeze=none|encoder|all_but_projector, or give the model MoE layers")
+    if t.freeze != "all_but_projector" or not has_moe:
+        return
+    for name in ("balance_bias_rate", "revive_dead_experts_after"):
+        if getattr(cfg.moe, name):
+            raise ValueError(f"freeze=all_but_projector keeps the MoE layers as they are, but {name}="
+                             f"{getattr(cfg.moe, name)} moves them (the routing bias, or dead experts re-initialised): "
+                             f"set {name}=0")
+    if cfg.moe.moe_backend == "deepspeed":
+        raise ValueError("freeze=all_but_projector freezes the experts, but moe_backend=deepspeed needs trainable "
+                         "experts (DeepSpeed's engine requires an MoE optimizer group): set moe_backend=torch|triton")
+    if t.ep_size > 1 and stage in (1, 2):
+        raise ValueError(f"freeze=all_but_projector freezes the experts, which a ZeRO {stage} checkpoint at "
+                         f"ep_size={t.ep_size} cannot give back to each EP rank (they are not in the optimizer's "
+                         "fp32 partitions): use ep_size=1, or ZeRO 0 or 3")
 
 
 def prepare_data(cfg: BluesConfig, rank: int):
@@ -115,12 +147,36 @@ def apply_image_token_id(cfg: BluesConfig, tok) -> BluesConfig:
     return cfg
 
 
+def record_vision_pretrained(cfg: BluesConfig) -> BluesConfig:
+    """cfg with vision_pretrained_config read from the vision_pretrained folder (vision only), so that
+    the saved model and its checkpoints rebuild the tower without the folder; ValueError for a missing
+    folder, one that is not CLIP or SigLIP, or image sizes that are not the tower's (checked here, before
+    the data is prepared at the wrong size)."""
+    v = cfg.vision
+    if not v.vision_enabled or v.vision_pretrained is None:
+        return cfg
+    from blues.vision.pretrained import check_sizes, read_vision_config
+    vision_config = read_vision_config(v.vision_pretrained)
+    check_sizes(vision_config, v)
+    return cfg.replace(vision_pretrained_config=vision_config)
+
+
 def build_model(cfg: BluesConfig):
     """The Blues model on CPU, seeded by cfg.train.seed (the same on every rank)."""
     from blues.model import Blues
 
     torch.manual_seed(cfg.train.seed)
     return Blues(cfg)
+
+
+def apply_vision_pretrained(model, cfg: BluesConfig) -> None:
+    """The vision_pretrained folder's CLIP / SigLIP weights into the tower (after build_model, whose
+    init would overwrite them; before init_from and a resume, which overwrite them in turn)."""
+    if not cfg.vision.vision_enabled or cfg.vision.vision_pretrained is None:
+        return
+    from blues.vision.pretrained import load_vision_pretrained
+    load_vision_pretrained(model)
+    log.info("vision tower from %s", cfg.vision.vision_pretrained)
 
 
 def apply_init_from(model, init_from: Optional[str]) -> None:
@@ -135,18 +191,48 @@ def apply_init_from(model, init_from: Optional[str]) -> None:
     log.info("weights from %s", init_from)
 
 
+ROUTER_WEIGHTS = ("mlp.router.weight", "deepspeed_moe.gate.wg.weight")  # stacked layers' router, DeepSpeed's gate
+
+
+def trains(name: str, cfg: BluesConfig) -> bool:
+    """Whether the parameter `name` (as model.named_parameters() names it) keeps training under
+    cfg.train.freeze and freeze_router. The freeze stages (MoE-LLaVA's):
+        none               every parameter
+        encoder            all but the vision encoder (vision.encoder.*)               stage II
+        all_but_projector  only the vision projector (vision.projector.*)              stage I
+        all_but_moe        only the MoE layers (blocks.<i>.mlp.* of each MoE layer:    stage III
+                           routed experts, router, shared experts and their gate)
+    freeze_router freezes every router on top of that (with all_but_moe: only the experts train).
+    The modality embedding and the language model's norms and embeddings train only under none and
+    encoder."""
+    t = cfg.train
+    if t.freeze_router and name.endswith(ROUTER_WEIGHTS):
+        return False
+    if t.freeze == "encoder":
+        return not name.startswith("vision.encoder.")
+    if t.freeze == "all_but_projector":
+        return name.startswith("vision.projector.")
+    if t.freeze == "all_but_moe":
+        return name.startswith(tuple(f"blocks.{i}.mlp." for i in cfg.moe_layer_ids()))
+    return True
+
+
 def apply_freeze(model, cfg: BluesConfig) -> None:
-    """freeze_router: every MoE layer's router weights stop taking gradients (and so leave the optimizer
-    groups build_optimizer makes): the stacked layers' router, DeepSpeed's gate under moe_backend=deepspeed."""
-    if not cfg.train.freeze_router:
+    """freeze and freeze_router (see trains): the frozen parameters stop taking gradients, and so leave
+    the optimizer groups build_optimizer makes."""
+    t = cfg.train
+    if t.freeze == "none" and not t.freeze_router:
         return
-    n = 0
+    frozen = routers = 0
     for name, p in model.named_parameters():
-        if name.endswith(("mlp.router.weight", "deepspeed_moe.gate.wg.weight")):
+        if not trains(name, cfg):
             p.requires_grad_(False)
-            n += 1
-    assert n == len(cfg.moe_layer_ids()), (n, cfg.moe_layer_ids())
-    log.info("freeze_router: %d router weight(s) frozen", n)
+            frozen += p.numel()
+            routers += name.endswith(ROUTER_WEIGHTS)
+    if t.freeze_router:
+        assert routers == len(cfg.moe_layer_ids()), (routers, cfg.moe_layer_ids())
+    total = sum(p.numel() for p in model.parameters())
+    log.info("freeze=%s freeze_router=%s: %d of %d parameters frozen", t.freeze, t.freeze_router, frozen, total)
 
 
 def apply_ac(model, cfg: BluesConfig) -> None:
@@ -165,7 +251,14 @@ def apply_ep(model, cfg: BluesConfig, ep, stage: int) -> None:
         return
     from blues.moe import MoE
     from blues.moe.expert_parallel import mark_expert_params
-    mark_expert_params([m for m in model.modules() if isinstance(m, MoE)], ep, stage, cfg.moe.num_experts)
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    mark_expert_params(layers, ep, stage, cfg.moe.num_experts)
+    for layer in layers:
+        if stage < 3 and not any(p.requires_grad for p in layer.experts.parameters()):
+            # Frozen experts (freeze=all_but_projector) stay marked, so that the engine's start-up
+            # broadcast keeps each EP rank's own slice, but without the engine marker: with it
+            # DeepSpeed demands an MoE optimizer group, and frozen experts are in none.
+            del layer.ds_engine_marker
 
 
 def apply_zero3_leaf(model, stage: int) -> None:
@@ -204,7 +297,7 @@ def build_optimizer(model, cfg: BluesConfig, ds: dict):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     elif any(is_moe_param(p) for p in decay):
         groups = split_params_into_different_moe_groups_for_optimizer(groups, max_group_size=None)
-        groups = [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]  # a group the freeze emptied: ZeRO 1/2 cannot flatten one
     kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     if offloads_optimizer(ds) and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -259,11 +352,13 @@ def build_engine(cfg: BluesConfig, ds_config: Optional[dict] = None, *, with_dat
     if cfg.moe.moe_backend != "deepspeed":
         from blues.moe.expert_parallel import ensure_ep_groups
         ep = ensure_ep_groups(cfg.train.ep_size)
+    cfg = record_vision_pretrained(cfg)
     meta = tok = None
     if with_data:
         meta, tok = prepare_data(cfg, dist.rank)
         cfg = apply_image_token_id(cfg, tok)
     model = build_model(cfg)
+    apply_vision_pretrained(model, cfg)
     apply_init_from(model, init_from)
     apply_freeze(model, cfg)
     apply_ac(model, cfg)

@@ -21,7 +21,16 @@ from typing import Iterator, Optional
 from blues.common import EXIT_OK
 from blues.train.checkpoint import export_weights, save_checkpoint
 from blues.train.engine import Run
-from blues.train.metrics import ExpertWindow, eval_events, expert_events, format_step, step_events, write_events
+from blues.train.metrics import (
+    ExpertWindow,
+    eval_events,
+    expert_events,
+    format_eval,
+    format_step,
+    step_events,
+    write_events,
+)
+from blues.train.modality import format_modality, modality_events, modality_load, record_eval_modality
 from blues.train.revival import check_revival, format_revival, revival_events, revive_dead_experts
 from blues.train.step import evaluate, train_step
 
@@ -119,9 +128,13 @@ def train(run: Run, *, progress: Optional[bool] = None, prompt: Optional[str] = 
                 say(format_step(r, run, window_tokens / max(window_seconds, 1e-9), window_experts))
                 window_tokens, window_seconds = 0, 0.0
             if r.step % t.eval_interval == 0 or r.step == t.max_steps:
-                ev = evaluate(run)
-                write_events(run, eval_events(ev, r.step))
-                say(f"step {r.step}: val_loss {ev['val_loss']:.4f} val_ppl {ev['val_ppl']:.2f}")
+                with record_eval_modality(run) as by_modality:  # a vision run: which experts image/text tokens use
+                    ev = evaluate(run)
+                mod = modality_load(run, by_modality)  # collective (one all-reduce); None for a text-only run
+                write_events(run, eval_events(ev, r.step) + modality_events(mod, r.step))
+                say(format_eval(ev, r.step))
+                if mod:
+                    say(format_modality(mod, r.step))
             if r.stop_signal:
                 path = save_checkpoint(run)
                 say(f"stopped by a signal after step {r.step}: checkpoint {path} written; the run can resume "

@@ -25,6 +25,8 @@ load_balance_metrics.py), so dashboards carry over; i is the block number (block
     moe/expert_utilization_min|max, moe/dead_expert_frac_mean, moe/expert_diversity_mean|min
                                         over all layers
 The console line shows the worst layer: the lowest expert_diversity.
+A vision run adds, at each evaluation, the per-modality load of its val batches (blues.train.modality):
+    moe_modality_share/layer_<i>_image|text_expert_<j>, moe/layer_<i>/modality_tv, moe/modality_tv_mean|max
 """
 from __future__ import annotations
 
@@ -107,6 +109,8 @@ def format_step(r: "StepResult", run: "Run", tokens_per_s: float, experts: Optio
               f"dead {100 * g('dead_expert_frac'):.0f}% diversity {g('expert_diversity'):.3f}")
     if run.num_moe_layers:
         s += f" | dropped {100 * r.dropped_frac:.2f}%"
+    if r.contrastive_mode:  # inside the contrastive stage ("only") or beside language modelling ("add")
+        s += f" | contrastive {r.contrastive_loss:.4f} ({'stage' if r.contrastive_mode == 'only' else '+ LM'})"
     return s
 
 
@@ -119,11 +123,24 @@ def step_events(r: "StepResult", tokens_per_s: float,
             ("Train/ce_loss", r.ce_loss, r.step), ("Train/aux_loss", r.aux_loss, r.step),
             ("Train/z_loss", r.z_loss, r.step), ("Train/tokens_per_s", tokens_per_s, r.step),
             ("Train/skipped", float(r.skipped), r.step), ("Train/expert_load_min", r.expert_load_min, r.step),
-            ("Train/expert_load_max", r.expert_load_max, r.step), ("Train/dropped_frac", r.dropped_frac, r.step)]
+            ("Train/expert_load_max", r.expert_load_max, r.step), ("Train/dropped_frac", r.dropped_frac, r.step),
+            ("Train/contrastive_loss", r.contrastive_loss, r.step)]  # NaN (left out) off the contrastive steps
 
 
 def eval_events(ev: dict[str, float], step: int) -> list[tuple[str, Optional[float], int]]:
-    return [("Eval/val_loss", ev["val_loss"], step), ("Eval/val_ppl", ev["val_ppl"], step)]
+    """Eval/<name> of every measure evaluate() returned: val_loss, val_ppl, and with contrastive heads
+    val_contrastive_loss, i2t_top1, t2i_top1 (the candidate count is a setting, not a measure)."""
+    return [(f"Eval/{k}", v, step) for k, v in ev.items() if k != "retrieval_candidates"]
+
+
+def format_eval(ev: dict[str, float], step: int) -> str:
+    """The console line of an evaluation; with contrastive heads the top-1 retrieval among the candidates."""
+    s = f"step {step}: val_loss {ev['val_loss']:.4f} val_ppl {ev['val_ppl']:.2f}"
+    if "i2t_top1" in ev:
+        s += (f" | val_contrastive_loss {ev['val_contrastive_loss']:.4f} | retrieval top-1 among "
+              f"{ev['retrieval_candidates']}: image->text {100 * ev['i2t_top1']:.1f}% text->image "
+              f"{100 * ev['t2i_top1']:.1f}%")
+    return s
 
 
 def write_events(run: "Run", events: list[tuple[str, Optional[float], int]]) -> None:

@@ -8,6 +8,9 @@ max_steps), for the optimizer step t = 0, 1, ...:
 A step whose loss is not finite is skipped (no update) but still consumes its data and its t.
 With balance_bias_rate > 0 each applied step ends by moving every MoE layer's selection bias
 (blues.train.balance), from the counts of the same all-reduce that gives the step's metrics.
+With contrastive heads (blues.vision.contrastive), step t < contrastive_steps trains the InfoNCE loss
+alone and later steps add contrastive_weight * InfoNCE (contrastive_mode); evaluate() then also
+reports top-1 image->text and text->image retrieval among groups of 64 held-out pairs.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from blues.config import TrainConfig
 from blues.train.balance import update_bias
 from blues.train.distributed import all_reduce
 from blues.train.engine import Run
+from blues.vision.contrastive import RETRIEVAL_CANDIDATES, caption_ids, contrastive_mode, retrieval_hits
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -33,6 +37,9 @@ def lr_at(step: int, t: TrainConfig) -> float:
         return t.min_lr
     progress = (step - T_w) / (T_c - T_w)
     return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+FIXED = 7  # the scalar sums ahead of the expert counts: loss ce aux z dropped stop contrastive
 
 
 @dataclass
@@ -52,6 +59,8 @@ class StepResult:
     dropped_frac: float = 0.0
     expert_selected: Optional[torch.Tensor] = None  # (L_moe, E) chosen per expert, all ranks, before capacity
     expert_counts: Optional[torch.Tensor] = None  # (L_moe, E) computed per expert, all ranks, after capacity
+    contrastive_loss: float = float("nan")  # the InfoNCE loss (nan on a step that does not train it)
+    contrastive_mode: Optional[str] = None  # "only" (the contrastive stage), "add", or None
 
 
 def _set_lr(engine, lr: float) -> None:
@@ -88,13 +97,15 @@ def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return t.to(dev)
 
 
-def _forward(run: Run, batch):
+def _forward(run: Run, batch, contrastive: Optional[str] = None):
     """The engine's forward of one micro-batch on this rank's device (DeepSpeed passes keyword
-    arguments on to the model)."""
+    arguments on to the model, so ZeRO 3's hooks see the contrastive pass too). `contrastive` is
+    Blues.forward's mode; a text-only batch (no images) has no pairs to align: language modelling alone."""
     x, y, images = split_batch(batch)
     dev = run.dist.device
+    kw = {} if contrastive is None or images is None else {"contrastive": contrastive}
     return run.engine(_to_device(x, dev), _to_device(y, dev),
-                      images=None if images is None else _to_device(images, dev))
+                      images=None if images is None else _to_device(images, dev), **kw)
 
 
 def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
@@ -118,14 +129,15 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
     get = batch_fn or (run.loader.next_batch if run.loader is not None else lambda: _random_batch(run))
     grad_accum = c.train.grad_accum
     E, L = c.moe.num_experts, run.num_moe_layers
-    # loss ce aux z dropped stop | kept counts (L*E) | selected counts (L*E, before capacity: balancing)
-    sums = torch.zeros(6 + 2 * L * E, dtype=torch.float64, device=dev)
+    mode = contrastive_mode(c, run.step)
+    # loss ce aux z dropped stop contrastive | kept counts (L*E) | selected counts (L*E, before capacity)
+    sums = torch.zeros(FIXED + 2 * L * E, dtype=torch.float64, device=dev)
     bad_at = None
     for micro in range(grad_accum):
         batch = get()
         if bad_at == 0:
             continue  # skipped step: consume the data, compute nothing
-        out = _forward(run, batch)
+        out = _forward(run, batch, mode)
         nan_here = run.dist.rank == 0 and run.debug.nan_at(run.step + 1, micro)
         loss = out.loss * float("nan") if nan_here else out.loss
         flag = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)  # (1,) on the device: no sync
@@ -137,8 +149,10 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
         engine.step()
         sums[:5] += torch.stack([loss.detach().double(), out.ce_loss.detach().double(), out.aux_loss.detach().double(),
                                  out.z_loss.detach().double(), out.dropped.detach().double()])
+        if out.contrastive is not None:
+            sums[6] += out.contrastive.loss.detach().double()
         if out.expert_counts is not None:  # (2, L, E), summed on the device
-            sums[6:] += torch.stack((out.expert_counts, out.expert_selected)).detach().double().reshape(-1)
+            sums[FIXED:] += torch.stack((out.expert_counts, out.expert_selected)).detach().double().reshape(-1)
     skipped = bad_at is not None
     if skipped and bad_at > 0 and engine.was_step_applied():
         raise FloatingPointError(
@@ -152,9 +166,10 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
     res = StepResult(step=run.step + 1, loss=float("nan") if skipped else sums[0].item() / n,
                      ce_loss=sums[1].item() / n, aux_loss=sums[2].item() / n, z_loss=sums[3].item() / n,
                      lr=lr, grad_norm=None if gn is None else float(gn), seconds=0.0, skipped=skipped,
-                     stop_signal=sums[5].item() > 0)
+                     stop_signal=sums[5].item() > 0, contrastive_mode=mode,
+                     contrastive_loss=sums[6].item() / n if mode is not None else float("nan"))
     if L and not skipped:
-        counts, res.expert_selected = sums[6:].view(2, L, E)
+        counts, res.expert_selected = sums[FIXED:].view(2, L, E)
         res.expert_counts = counts
         share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
         res.expert_load_min, res.expert_load_max = share.min().item(), share.max().item()
@@ -180,15 +195,42 @@ def train_steps(run: Run, n: int, batch_fn: Optional[Callable] = None) -> list[S
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
-    """Validation cross-entropy (mean over eval_steps batches and ranks) and its perplexity."""
-    engine = run.engine
+    """Validation cross-entropy (mean over eval_steps batches and ranks) and its perplexity; with
+    contrastive heads also the validation InfoNCE loss and the top-1 retrieval accuracies
+    (retrieval(), over the same batches)."""
+    engine, has_heads = run.engine, getattr(run.model, "contrastive", None) is not None
     engine.eval()
-    s = torch.zeros(2, dtype=torch.float64)
+    s = torch.zeros(3, dtype=torch.float64)  # ce * tokens, tokens, contrastive loss * batches
+    pairs: list = []  # (image_emb (B, D), text_emb (B, D), targets (B, T) on the host) per batch
     for batch in run.val_loader.eval_batches(run.cfg.train.eval_steps):
-        out, n = _forward(run, batch), batch[0].numel()
+        with_images = has_heads and split_batch(batch)[2] is not None
+        out, n = _forward(run, batch, "add" if with_images else None), batch[0].numel()
         s[0] += out.ce_loss.item() * n
         s[1] += n
+        if with_images:
+            s[2] += out.contrastive.loss.item()
+            pairs.append((out.contrastive.image_emb.cpu(), out.contrastive.text_emb.cpu(), batch[1]))
     engine.train()
     s = all_reduce(s.to(run.dist.device)).cpu()
     val = s[0].item() / max(1.0, s[1].item())
-    return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+    ev = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+    if has_heads:
+        batches = all_reduce(torch.tensor([float(len(pairs))], device=run.dist.device)).item()
+        ev["val_contrastive_loss"] = s[2].item() / max(1.0, batches)
+        ev.update(retrieval(run, pairs))
+    return ev
+
+
+def retrieval(run: Run, pairs: list) -> dict[str, float]:
+    """Top-1 image->text and text->image accuracy among groups of RETRIEVAL_CANDIDATES held-out pairs
+    (each rank groups its own; the hits are summed over ranks): {"i2t_top1", "t2i_top1",
+    "retrieval_candidates"} (fewer candidates when a rank holds fewer pairs than that)."""
+    if pairs:
+        img, txt = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        h = retrieval_hits(img, txt, caption_ids([p[2] for p in pairs]), RETRIEVAL_CANDIDATES)
+    else:
+        h = {"i2t_hits": 0, "t2i_hits": 0, "queries": 0, "candidates": 0}
+    t = all_reduce(torch.tensor([h["i2t_hits"], h["t2i_hits"], h["queries"]], dtype=torch.float64,
+                                device=run.dist.device)).cpu()
+    q = max(1.0, t[2].item())
+    return {"i2t_top1": t[0].item() / q, "t2i_top1": t[1].item() / q, "retrieval_candidates": h["candidates"]}

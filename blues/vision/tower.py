@@ -2,9 +2,14 @@
 where the image tokens enter the text sequence.
 
 Shapes: M images, S image side, n image tokens per image, D language width, B batch, T tokens.
+
+The encoder is Blues' ViT (blues.vision.encoder), or with vision_pretrained (or a recorded
+vision_pretrained_config) a CLIP or SigLIP tower (blues.vision.pretrained) whose width Dv sizes the
+projector.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -28,7 +33,15 @@ class VisionTower(nn.Module):
         self.image_token_id = v.image_token_id
         self.tokens_per_image = num_image_tokens(v)
         self.pixel_shape = (3, v.image_size, v.image_size)
-        self.encoder = VisionEncoder(config)
+        if v.vision_pretrained is not None or v.vision_pretrained_config is not None:
+            from blues.vision.pretrained import PretrainedEncoder, vision_config_of
+            self.encoder = PretrainedEncoder(vision_config_of(v), v)
+            # The projector reads the encoder width from vision_n_embd: the tower's hidden size here
+            # (vision_n_head=1 only keeps VisionConfig's head check true; the projector has no heads).
+            config = dataclasses.replace(config, vision=dataclasses.replace(
+                v, vision_n_embd=self.encoder.hidden_size, vision_n_head=1))
+        else:
+            self.encoder = VisionEncoder(config)
         self.projector = Projector(config)
         self.modality_emb = nn.Embedding(2, config.model.n_embd)  # row 0 text, row 1 image
 
