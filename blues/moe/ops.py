@@ -15,6 +15,7 @@ import torch
 
 from blues.common import log_once
 from blues.kernels import moe_grouped_down_combine as _down
+from blues.kernels import moe_grouped_gemm as _gemm
 from blues.kernels import moe_grouped_swiglu as _swiglu
 from blues.kernels import moe_permute as _perm
 from blues.kernels import moe_route as _route
@@ -28,8 +29,10 @@ class MoEOps(NamedTuple):
     moe_permute_indices: Callable  # (topk_ids (N, K), E) -> PermuteIndices
     moe_grouped_swiglu: Callable  # (x (N, D), offsets (E+1,), w_gate, w_up (E, D, F), slots (S,), K) -> (S, F)
     moe_grouped_down_combine: Callable  # (h (S, F), offsets, w_down (E, F, D), inverse (S,), w (N, K)) -> (N, D)
-    # Expert parallelism (blues.moe.expert_parallel) sends the permuted rows out and combines what comes back:
+    # Expert parallelism (blues.moe.expert_parallel) sends the permuted rows out, runs the received rows'
+    # down projection alone (their weights are applied at home) and combines what comes back:
     moe_permute: Callable  # (x (N, D), sorted_slots (S,), K) -> (S, D)
+    moe_grouped_gemm: Callable  # (h (R, F), offsets (E+1,), w_down (E, F, D)) -> (R, D)
     moe_unpermute_combine: Callable  # (y (S, D), inverse (S,), w (N, K)) -> (N, D), fp32 sums
 
 
@@ -39,6 +42,7 @@ TORCH_OPS = MoEOps(
     moe_grouped_swiglu=_swiglu.moe_grouped_swiglu_ref,
     moe_grouped_down_combine=_down.moe_grouped_down_combine_ref,
     moe_permute=_perm.moe_permute_ref,
+    moe_grouped_gemm=_gemm.moe_grouped_gemm_ref,
     moe_unpermute_combine=_perm.moe_unpermute_combine_ref,
 )
 
@@ -48,6 +52,7 @@ TRITON_OPS = MoEOps(
     moe_grouped_swiglu=_swiglu.moe_grouped_swiglu,
     moe_grouped_down_combine=_down.moe_grouped_down_combine,
     moe_permute=_perm.moe_permute,
+    moe_grouped_gemm=_gemm.moe_grouped_gemm,
     moe_unpermute_combine=_perm.moe_unpermute_combine,
 )
 
