@@ -317,7 +317,7 @@ CATEGORIES = [
     ("exchange (all-to-all)", r"all_to_all|alltoall|AllToAll", True),
     ("other collectives", r"^c10d::|^gloo|allreduce|all_reduce|reduce_scatter|allgather|all_gather|broadcast"
                           r"|barrier|record_param_comms", True),
-    ("GEMMs", r"^aten::(mm|bmm|addmm|baddbmm|_grouped_mm|matmul|linear|addmv|mv)$", True),
+    ("GEMMs", r"^aten::(mm|bmm|addmm_?|baddbmm|addbmm|_grouped_mm|matmul|linear|addmv|mv)$", True),
     ("attention", r"scaled_dot_product|flash_attention|ScaledDotProduct", True),
     ("loss (log-softmax, NLL)", r"cross_entropy|log_softmax|nll_loss|LogSoftmax|NllLoss", True),
     ("permutation", r"^aten::(index|index_select|index_add_?|index_put_?|_index_put_impl_|gather|scatter_?"
@@ -328,6 +328,8 @@ CATEGORIES = [
     ("autograd engine", r"^autograd::", False),
 ]
 PHASES = ("forward", "backward", "optimizer step")
+# torch.profiler ranges of blues.moe.expert_parallel's stages (forward only; reported inclusive, per step)
+STAGE_PREFIX = "blues.moe:"
 
 
 def profile_steps(bench: Bench, batch, n: int) -> dict:
@@ -363,13 +365,18 @@ def profile_steps(bench: Bench, batch, n: int) -> dict:
     pats = [(c, re.compile(p), up) for c, p, up in CATEGORIES]
     out = {ph: {"total": 0.0} for ph in PHASES}
     top: dict[str, float] = {}
+    stages: dict[str, float] = {}  # Blues EP stage -> seconds per step, inclusive, both layers
     for e in events:
         start = e.time_range.start
         phase = next((ph for ph, rs in ranges.items() if any(a <= start <= b for a, b in rs)), None)
         if phase is None:
             continue
         sec = e.self_cpu_time_total / 1e6 / n
-        if e.name.startswith("ep_bench:"):
+        if e.name.startswith(STAGE_PREFIX):  # a stage range of Blues' EP layer: its own time is Python's
+            stages[e.name[len(STAGE_PREFIX):]] = stages.get(e.name[len(STAGE_PREFIX):], 0.0) + \
+                (e.time_range.end - e.time_range.start) / 1e6 / n
+            cat = "python (outside every op)"
+        elif e.name.startswith("ep_bench:"):
             cat = "python (outside every op)"
             out[phase]["total"] += (e.time_range.end - e.time_range.start) / 1e6 / n
         else:
@@ -382,7 +389,8 @@ def profile_steps(bench: Bench, batch, n: int) -> dict:
             top[e.name] = top.get(e.name, 0.0) + sec
         out[phase][cat] = out[phase].get(cat, 0.0) + sec
     return {"steps": n, "wall_s_per_step": wall / n, "phases": out,
-            "top_ops_s_per_step": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
+            "top_ops_s_per_step": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15]),
+            "ep_stages_forward_s_per_step": stages}
 
 
 def print_profile(name: str, rank: int, p: dict) -> None:
@@ -396,6 +404,9 @@ def print_profile(name: str, rank: int, p: dict) -> None:
               + f" {tot[c] * 1e3:8.2f} {100 * tot[c] / step:5.1f}%")
     print(f"    {'total':28s} " + " ".join(f"{p['phases'][ph]['total'] * 1e3:14.2f}" for ph in PHASES)
           + f" {step * 1e3:8.2f}")
+    if p.get("ep_stages_forward_s_per_step"):
+        print("    Blues EP stages, forward ms (inclusive): " + ", ".join(
+            f"{k} {v * 1e3:.2f}" for k, v in p["ep_stages_forward_s_per_step"].items()))
 
 
 # ----------------------------------------------------------------------------------------------

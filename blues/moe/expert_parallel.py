@@ -17,11 +17,14 @@ One layer's forward (ep_experts_forward), after routing and the capacity cut at 
     overlaps the permutation of the token rows;
  2. the token rows, in expert order (which is destination order: experts are contiguous per EP rank),
     go out through a variable-split all-to-all (AllToAllV: no padding, any split may be 0);
- 3. the received rows, ordered (source, local expert), are grouped by local expert through the op
-    table's own permutation op (stable, so a source's rows keep their order), and run through the
-    same grouped SwiGLU and down-projection ops as without EP;
+ 3. the received rows, ordered (source, local expert), are grouped by local expert: the indices come
+    from the received counts alone (local_expert_indices: a block move, no sort; a source's rows keep
+    their order), the grouped SwiGLU gathers the rows itself, and the down projection is a plain
+    grouped GEMM (the received rows carry no routing weight) whose rows go back to received order;
  4. the outputs go back through the reverse exchange and are combined with the routing weights in
     fp32 (moe_unpermute_combine), dropped assignments contributing zero.
+The stages carry torch.profiler ranges (blues.moe:split_plan, exchange, local_experts, combine; a few
+microseconds a layer when no profiler runs) that benchmarks/ep_throughput.py --profile reports.
 Every rank runs both exchanges in every MoE layer of every forward, with zero rows if need be: a rank
 that skipped one would leave the others waiting forever. The expert weights are used on every rank
 even when it receives no row, so they always get a (zero) gradient and ZeRO's gradient hooks fire.
@@ -41,6 +44,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
+
+from blues.kernels.moe_permute import PermuteIndices
 
 # DeepSpeed's placement family for stacked experts under ZeRO 3 (AutoEP's name): with it, stage 3
 # averages the expert gradients over the data-parallel world and adds the EP term to the gradient
@@ -196,7 +202,6 @@ class PlanReplay:
         return pending
 
 
-
 def checkpoint_contexts(module: nn.Module):
     """torch.utils.checkpoint's context_fn for `module`: (the forward's context, the recompute's): the
     forward records every EP layer's split plan (PlanReplay), the recompute replays them."""
@@ -215,6 +220,29 @@ def _plan_mode(replays: list[PlanReplay], mode: str) -> Iterator[None]:
             r.mode = None
 
 
+def local_expert_indices(recv_counts: torch.Tensor, R: int) -> PermuteIndices:
+    """The grouping of the R received rows by local expert, from the counts alone (no sort).
+
+    recv_counts (ep, E_loc): the received rows come in blocks (source s, local expert j) of
+    recv_counts[s, j] rows, source-major; grouped by expert they are the same blocks, expert-major, each
+    block's rows in their order (what a stable sort of the rows' expert ids gives, exactly). So a row's
+    grouped position is its received position shifted by its block's move, and the reverse.
+    NOTE: measured at the tiny benchmark shape (R=2048, E_loc=4), one thread: the indices plus the local
+    experts' forward and backward 18.3 ms against 19.7 ms with a sort and the weighted down-combine."""
+    ep, E_loc = recv_counts.shape
+    by_source = recv_counts.reshape(-1)  # (ep*E_loc,) block sizes in received order (s, j)
+    by_expert = recv_counts.t().reshape(-1)  # (E_loc*ep,) the same blocks in grouped order (j, s)
+    src_first = torch.cumsum(by_source, 0) - by_source  # first received row of block (s, j)
+    dst_first = (torch.cumsum(by_expert, 0) - by_expert).view(E_loc, ep).t().reshape(-1)  # its first grouped row
+    move = dst_first - src_first  # (ep*E_loc,) indexed (s, j)
+    rows = torch.arange(R, device=recv_counts.device)
+    inverse = rows + torch.repeat_interleave(move, by_source, output_size=R)  # received row -> grouped position
+    back = (-move).view(ep, E_loc).t().reshape(-1)  # indexed (j, s)
+    sorted_slots = rows + torch.repeat_interleave(back, by_expert, output_size=R)  # grouped position -> received row
+    offsets = F.pad(torch.cumsum(recv_counts.sum(0), 0), (1, 0))  # (E_loc+1,)
+    return PermuteIndices(sorted_slots, offsets, inverse)
+
+
 def ep_experts_forward(xf: torch.Tensor, idx, weights: torch.Tensor, experts: nn.Module, ops, g: EPGroups,
                        expert_dropout: float = 0.0, replay: Optional[PlanReplay] = None) -> torch.Tensor:
     """The experts' part of an MoE layer under expert parallelism (see the module docstring).
@@ -229,27 +257,31 @@ def ep_experts_forward(xf: torch.Tensor, idx, weights: torch.Tensor, experts: nn
     E = E_loc * g.ep_size
     counts = idx.expert_offsets[1:] - idx.expert_offsets[:-1]  # (E,) kept assignments per expert
     assert counts.numel() == E, (counts.numel(), E)
-    pending = replay.start(counts, g) if replay is not None else start_split_plan(counts, g)
+    with record_function("blues.moe:split_plan"):
+        pending = replay.start(counts, g) if replay is not None else start_split_plan(counts, g)
     # Every assignment's row in expert (= destination) order; the dropped ones trail and are not sent.
     # Permuting all S rows needs no host number, so it runs while the split sums travel to the host.
     xs = ops.moe_permute(xf, idx.sorted_slots, K)  # (S, D)
     plan = pending.wait()
     n_send = sum(plan.send_splits)
-    xr = all_to_all_v(xs[:n_send], plan.send_splits, plan.recv_splits, g.ep_group)  # (R, D) (source, expert)
-    R = xr.shape[0]
-    # Local expert of each received row: block (s, j) holds recv_counts[s, j] rows of expert j.
-    block_expert = torch.arange(E_loc, device=xf.device).repeat(g.ep_size)  # (ep*E_loc,)
-    local_ids = torch.repeat_interleave(block_expert, plan.recv_counts.reshape(-1), output_size=R)  # (R,)
-    lidx = ops.moe_permute_indices(local_ids.view(R, 1), E_loc)  # stable: sources stay in rank order
-    h = ops.moe_grouped_swiglu(xr, lidx.expert_offsets, experts.w_gate, experts.w_up, lidx.sorted_slots, 1)  # (R, F)
-    if expert_dropout > 0:
-        h = F.dropout(h, p=expert_dropout)
-    # Weight 1 per row and K=1: the down projection returns the rows in received order.
-    ones = torch.ones(R, 1, dtype=torch.float32, device=xf.device)
-    yr = ops.moe_grouped_down_combine(h, lidx.expert_offsets, experts.w_down, lidx.inverse, ones)  # (R, D)
-    yb = all_to_all_v(yr, plan.recv_splits, plan.send_splits, g.ep_group)  # (n_send, D) in send order
-    y = torch.cat([yb, yb.new_zeros(S - n_send, D)])  # (S, D): dropped rows are zero, with weight 0
-    return ops.moe_unpermute_combine(y, idx.inverse, weights)  # (N, D), fp32 sums
+    with record_function("blues.moe:exchange"):
+        xr = all_to_all_v(xs[:n_send], plan.send_splits, plan.recv_splits, g.ep_group)  # (R, D) (source, expert)
+    with record_function("blues.moe:local_experts"):
+        lidx = local_expert_indices(plan.recv_counts, xr.shape[0])
+        offsets = lidx.expert_offsets  # (E_loc+1,)
+        h = ops.moe_grouped_swiglu(xr, offsets, experts.w_gate, experts.w_up, lidx.sorted_slots, 1)  # (R, F)
+        if expert_dropout > 0:
+            h = F.dropout(h, p=expert_dropout)
+        # The received rows carry no routing weight here (it is applied at home): a plain grouped GEMM,
+        # then back to received order (row r = yl[inverse[r]]).
+        yl = ops.moe_grouped_gemm(h, offsets, experts.w_down)  # (R, D) grouped by expert
+        yr = ops.moe_permute(yl, lidx.inverse, 1)  # (R, D) received order
+    with record_function("blues.moe:exchange"):
+        yb = all_to_all_v(yr, plan.recv_splits, plan.send_splits, g.ep_group)  # (n_send, D) in send order
+    with record_function("blues.moe:combine"):
+        # Dropped rows (capacity) are zero, with weight 0; without drops nothing is appended (no copy).
+        y = yb if n_send == S else torch.cat([yb, yb.new_zeros(S - n_send, D)])  # (S, D)
+        return ops.moe_unpermute_combine(y, idx.inverse, weights)  # (N, D), fp32 sums
 
 
 def all_gather_experts(local: torch.Tensor, g: EPGroups) -> torch.Tensor:

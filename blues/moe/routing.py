@@ -78,9 +78,11 @@ def forced_route(route: Callable, logits: torch.Tensor, top_k: int, capacity: Op
                  selection_bias=selection_bias)
     with torch.no_grad():
         forced, targets = forced_targets(N, E, top_k, capacity, skew, ep_size)
-        forced = forced.to(logits.device)
-        bias = torch.zeros(N, E, dtype=torch.float32, device=logits.device)
-        bias[forced] = bias[forced].scatter(1, targets[forced.cpu()].to(logits.device), FORCING_LOGIT)
+        # FORCING_LOGIT on each forced token's targets, 0 elsewhere; no boolean indexing (a nonzero: a
+        # device sync on CUDA, and four more (N, E) ops on a CPU).
+        bias = torch.zeros(N, E, dtype=torch.float32, device=logits.device).scatter_(
+            1, targets.to(logits.device), FORCING_LOGIT)
+        bias.mul_(forced.to(logits.device).unsqueeze(1))  # (N, E)
         ids = route(logits.detach().float() + bias, top_k, score_func=score_func, norm_topk_prob=norm_topk_prob,
                     selection_bias=selection_bias).topk_ids  # (N, K)
     lf = logits.float()

@@ -419,3 +419,24 @@ def test_op_tables_are_symmetric():
     for name in TORCH_OPS._fields:
         assert getattr(TORCH_OPS, name).__name__ == name + "_ref"
         assert getattr(TRITON_OPS, name).__name__ == name
+
+
+@pytest.mark.parametrize("recv_counts", [
+    [[3, 0, 2, 1], [0, 0, 4, 2]],  # empty blocks, an expert with no row from either source
+    [[0, 0], [0, 0]],  # this rank receives nothing
+    [[5, 1], [0, 0], [2, 3]],  # ep=3, a source that sends nothing
+    [[7]],  # one source, one local expert
+])
+def test_local_expert_indices_equal_a_stable_sort_of_the_received_rows(recv_counts):
+    """The block move of local_expert_indices is the stable grouping the op table's sort gives:
+    the same sorted slots, offsets and inverse."""
+    from blues.kernels.moe_permute import moe_permute_indices_ref
+    from blues.moe.expert_parallel import local_expert_indices
+    rc = torch.tensor(recv_counts)
+    ep, E_loc = rc.shape
+    R = int(rc.sum())
+    ids = torch.repeat_interleave(torch.arange(E_loc).repeat(ep), rc.reshape(-1))  # (R,) received order
+    want = moe_permute_indices_ref(ids.view(R, 1), E_loc)
+    got = local_expert_indices(rc, R)
+    for name, a, b in zip(want._fields, got, want):
+        assert torch.equal(a, b), (name, a, b)

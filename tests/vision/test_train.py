@@ -123,3 +123,21 @@ def test_expert_parallel_training_of_a_vision_model_on_two_ranks(tmp_path):
     model = Blues.from_pretrained(str(out / "model"))
     assert model.vision is not None and model.config.vision.image_token_id == 4097
     assert isinstance(model.generate("a", images=[torch.rand(3, 16, 16)], max_new_tokens=4, temperature=0), str)
+
+
+@pytest.mark.slow
+def test_the_caption_benchmark_smoke_runs_and_writes_its_row(tmp_path):
+    """benchmarks/vision.py --smoke: 30 steps of the tiny_vl preset (15 in the contrastive stage, then LM beside
+    it) through blues-train's loop, greedy captions of 32 held-out images, real and noise; one JSON row."""
+    import os
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "rows.jsonl"
+    p = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "vision.py"), "--smoke", "--work",
+                        str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=900,
+                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "contrastive" in p.stdout and "(+ LM)" in p.stdout  # the stage, then LM beside it
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["benchmark"] == "vision" and row["preset"] == "tiny_vl" and row["num_images"] == 32
+    for k in ("accuracy", "noise_accuracy"):
+        assert set(row[k]) == {"colour", "shape", "position", "all"} and all(0 <= v <= 1 for v in row[k].values())
