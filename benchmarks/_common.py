@@ -40,3 +40,18 @@ def blues_train(preset: str, overrides: list[str], threads: int) -> float:
     if rc != 0:
         raise SystemExit(f"training stopped with exit code {rc}")
     return time.perf_counter() - t0
+
+
+def add_run_args(p, out: str) -> None:
+    """The flags of a benchmark that trains through blues_train: --set, --threads, --work, --out."""
+    p.add_argument("--set", nargs="*", default=[], help="more blues-train overrides key=value")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
+    p.add_argument("--work", default=None, help="folder for the data and the run (default: a temporary one)")
+    p.add_argument("--out", default=out, help="the JSON rows are appended here")
+
+
+def run_dirs(work, prefix: str) -> tuple[str, str]:
+    """(data_dir, out_dir) under `work`, or under a new temporary folder when it is None."""
+    import tempfile
+    work = work or tempfile.mkdtemp(prefix=prefix)
+    return os.path.join(work, "data"), os.path.join(work, "run")

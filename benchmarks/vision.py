@@ -9,8 +9,9 @@
    tokens), 48 px images in 16 px patches, so each of the 3 x 3 patches is one cell of the synthetic set's
    position grid (9 image tokens), block_size 32 (the span, the longest caption, eot), and its recipe
    (blues.presets.tiny_vl says why): micro-batches of 128, the contrastive stage first, then language
-   modelling beside the contrastive loss. The data is the built-in synthetic set (blues.data.shapes: one coloured shape per image, captioned
-   "a {colour} {shape} at the {position}"), written into a temporary data_dir by the run itself.
+   modelling beside the contrastive loss. The data is the built-in synthetic set (blues.data.shapes: one
+   coloured shape per image, captioned "a {colour} {shape} at the {position}"), written into a temporary
+   data_dir by the run itself.
 2. For --num_images held-out images (the val split, which training never sees) the exported model
    decodes greedily from the image span and "a" (CAPTION_PROMPT); the caption is parsed with
    blues.data.shapes.caption_attributes. Exact match per attribute (colour, shape, position) and on all
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,22 +71,20 @@ def accuracy(model, samples, noise: bool, seed: int = 0) -> dict:
 
 
 def main(argv=None) -> int:
+    from _common import add_run_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--max_steps", type=int, default=500, help="tiny_vl's max_steps")
     p.add_argument("--num_images", type=int, default=300)
-    p.add_argument("--set", nargs="*", default=[], help="more blues-train overrides key=value")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for training and decoding")
     p.add_argument("--smoke", action="store_true", help="30 steps, 32 images: the script works")
-    p.add_argument("--work", default=None, help="folder for the data and the run (default: a temporary one)")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "vision.jsonl"))
+    add_run_args(p, os.path.join(HERE, "results", "vision.jsonl"))
     args = p.parse_args(argv)
     if args.smoke:
         args.max_steps, args.num_images = 30, 32
-    from _common import blues_train, write_rows
+    from _common import blues_train, run_dirs, write_rows
 
     from blues.model import Blues
-    work = args.work or tempfile.mkdtemp(prefix="blues_vision_")
-    data, out = os.path.join(work, "data"), os.path.join(work, "run")
+    data, out = run_dirs(args.work, "blues_vision_")
     load_before = os.getloadavg()[0]
     items = [f"max_steps={args.max_steps}", f"data_dir={data}", f"out_dir={out}", "eval_interval=100",
              f"save_interval={args.max_steps}", "log_interval=50", *args.set]

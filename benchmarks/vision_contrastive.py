@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,23 +62,21 @@ def accuracy(model, data: str, num_pairs: int, noise: bool) -> dict:
 
 
 def main(argv=None) -> int:
+    from _common import add_run_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--max_steps", type=int, default=300)
     p.add_argument("--num_pairs", type=int, default=448, help="held-out pairs (7 groups of 64 by default)")
-    p.add_argument("--set", nargs="*", default=[], help="more blues-train overrides key=value")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--smoke", action="store_true", help="10 steps, 64 pairs: the script works")
-    p.add_argument("--work", default=None, help="folder for the data and the run (default: a temporary one)")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "vision_contrastive.jsonl"))
+    add_run_args(p, os.path.join(HERE, "results", "vision_contrastive.jsonl"))
     args = p.parse_args(argv)
     if args.smoke:
         args.max_steps, args.num_pairs = 10, 64
     import torch
-    from _common import blues_train, write_rows
+    from _common import blues_train, run_dirs, write_rows
 
     from blues.model import Blues
-    work = args.work or tempfile.mkdtemp(prefix="blues_contrastive_")
-    data, out = os.path.join(work, "data"), os.path.join(work, "run")
+    data, out = run_dirs(args.work, "blues_contrastive_")
     load_before = os.getloadavg()[0]
     items = [f"max_steps={args.max_steps}", f"contrastive_steps={args.max_steps}", f"data_dir={data}",
              f"out_dir={out}", f"eval_interval={max(1, args.max_steps // 4)}", f"save_interval={args.max_steps}",
