@@ -97,7 +97,9 @@ def format_step(r: "StepResult", run: "Run", tokens_per_s: float, experts: Optio
     if r.skipped:
         return (f"step {r.step}/{run.cfg.train.max_steps} | SKIPPED: non-finite loss "
                 f"({run.bad_in_a_row} in a row, max_bad_steps={run.cfg.train.max_bad_steps})")
-    m = mfu(run, tokens_per_s)
+    # In the contrastive stage the model runs the caption rows and the images, not the B x T language-model
+    # tokens that flops_per_token counts: no MFU is shown rather than a wrong one (it read 118 % on CPU).
+    m = None if r.contrastive_mode == "only" else mfu(run, tokens_per_s)
     gn = f"{r.grad_norm:.3f}" if r.grad_norm is not None else "-"
     s = (f"step {r.step}/{run.cfg.train.max_steps} | loss {r.loss:.4f} (ce {r.ce_loss:.4f} aux {r.aux_loss:.4f} "
          f"z {r.z_loss:.4f}) | lr {r.lr:.2e} | gnorm {gn} | {tokens_per_s:,.0f} tok/s | MFU "
