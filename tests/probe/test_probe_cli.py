@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from blues.common import free_port
 from blues.presets import get_preset
 from blues.probe import estimate_memory
 from blues.train.ds_config import load_ds_config
@@ -173,8 +174,10 @@ def test_estimate_is_within_its_bounds_of_the_measured_peaks(calibration, budget
 def test_train_sh_probes_then_launches_deepspeed_with_two_cpu_processes(tmp_path):
     """launch/train.sh: the probe, then `deepspeed --num_gpus 2` with the probed config and batch fields."""
     out = tmp_path / "out"
-    cmd = ["bash", str(REPO / "launch" / "train.sh"), "--nproc_per_node", "2", "--deepspeed_config", ZERO2,
-           "--memory_budget", "8GB", "--max_micro_batch", "1", "--target_tokens", "128", "--no_export",
+    # a free port, not the launcher's 29500: another deepspeed job on the machine made it EADDRINUSE once
+    cmd = ["bash", str(REPO / "launch" / "train.sh"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "--deepspeed_config", ZERO2, "--memory_budget", "8GB", "--max_micro_batch", "1", "--target_tokens", "128",
+           "--no_export",
            "n_embd=64", "n_layer=1", "n_head=4", "num_kv_heads=1", "block_size=32", "max_steps=2",
            "eval_interval=2", "eval_steps=1", "log_interval=1", f"out_dir={out}", f"data_dir={tmp_path / 'data'}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)

@@ -1,5 +1,7 @@
 """Per-modality expert load (blues.train.modality, issue 14 part 7): the counts, forced routing, the
 metrics, a real engine's monitor files, and the pictures and table of blues-experts."""
+import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -32,14 +34,20 @@ def vl_tokenizer():
     return with_image_tokens("default")
 
 
+@functools.cache
+def _vision_conftest():
+    """tests/vision/conftest.py loaded from its path under a name of its own: in a whole-suite run the name
+    `vision` may already be taken (a sys.path import of vision.conftest failed there in CI)."""
+    spec = importlib.util.spec_from_file_location("_blues_tests_vision_conftest",
+                                                  os.path.join(TESTS, "vision", "conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_vl(**overrides):
     """tests/vision/conftest.py's tiny vision model (4 experts, 2 MoE layers, 4 image tokens per image)."""
-    sys.path.insert(0, TESTS)
-    try:
-        from vision.conftest import tiny_vl as make
-    finally:
-        sys.path.remove(TESTS)
-    return make(**overrides)
+    return _vision_conftest().tiny_vl(**overrides)
 
 
 def vl_model(**overrides):
