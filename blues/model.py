@@ -161,11 +161,13 @@ class Blues(nn.Module):
             self._check_contrastive(contrastive, targets, images, kv_cache)
         passes: list[list[tuple]] = []  # per decoder pass, per MoE layer: (aux, z, counts, dropped, selected)
         logits = ce = loss = con = None
+        # (M, n, D) once: the language-model pass places them, the contrastive pass pools them
+        image_tokens = self.vision.image_tokens(images) if contrastive is not None else None
         if contrastive != "only":
             cos, sin = self.rope(start, T)
             x = self.tok_emb(input_ids)  # (B, T, D)
             if self.vision is not None:
-                x = self.vision(input_ids, x, images)  # (B, T, D): image tokens at the placeholders
+                x = self.vision(input_ids, x, images, image_tokens)  # (B, T, D): image tokens at the placeholders
             elif images is not None:
                 raise ValueError("images were given to a text-only model (vision_enabled=false): load or train a "
                                  "vision model, or leave images out")
@@ -174,7 +176,7 @@ class Blues(nn.Module):
                 kv_cache.advance(T)
             logits = self.lm_head(self.norm(x))  # (B, T, V)
         if contrastive is not None:
-            con = self._contrastive(targets, images, passes)
+            con = self._contrastive(targets, image_tokens, passes)
 
         zero = torch.zeros((), dtype=torch.float32, device=input_ids.device)
         layers = [s for p in passes for s in p]
@@ -229,15 +231,14 @@ class Blues(nn.Module):
                              f"and one image per row, without a KV cache: got images={got} for "
                              f"{'no targets' if targets is None else f'{targets.shape[0]} rows'}")
 
-    def _contrastive(self, targets: torch.Tensor, images: torch.Tensor, passes: list) -> ContrastiveOutput:
+    def _contrastive(self, targets: torch.Tensor, image_tokens: torch.Tensor, passes: list) -> ContrastiveOutput:
         """The InfoNCE loss of the batch: the decoder runs on the caption rows alone (no image span, the
-        text modality embedding), the tower encodes the images (a second time after an "add" pass:
-        VisionTower.forward keeps its image tokens to itself)."""
+        text modality embedding), against the image tokens (M, n, D) the language-model pass placed."""
         rows, mask, same = caption_rows(targets)  # (B, Tc) each, same (B, B)
         cos, sin = self.rope(0, rows.shape[1])
         x = self.vision(rows, self.tok_emb(rows), None)  # (B, Tc, D)
         h = self.norm(self._decode(self.drop(x), cos, sin, None, passes))  # (B, Tc, D)
-        return self.contrastive(self.vision.encode(images), h, mask, same)
+        return self.contrastive(image_tokens, h, mask, same)
 
     # ------------------------------------------------------------------ accounting
     def num_params(self, active_only: bool = False, non_embedding: bool = False) -> int:

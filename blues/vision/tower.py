@@ -49,24 +49,32 @@ class VisionTower(nn.Module):
         """pixels (M, 3, S, S) in [0, 1] -> image tokens (M, n, D)."""
         return self.projector(self.encoder(pixels))
 
-    def forward(self, input_ids: torch.Tensor, x: torch.Tensor, images: Optional[torch.Tensor]) -> torch.Tensor:
-        """input_ids (B, T), token embeddings x (B, T, D), images (M, 3, S, S) or None -> (B, T, D).
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """images (M, 3, S, S) in [0, 1] -> image tokens (M, n, D); ValueError for another image shape."""
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.pixel_shape:
+            want = ", ".join(map(str, self.pixel_shape))
+            raise ValueError(f"images have shape {tuple(images.shape)}: expected (M, {want}), image_size from the "
+                             "config (blues.vision.images.to_pixels resizes)")
+        return self.encode(images)
+
+    def forward(self, input_ids: torch.Tensor, x: torch.Tensor, images: Optional[torch.Tensor],
+                image_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids (B, T), token embeddings x (B, T, D), images (M, 3, S, S) or None -> (B, T, D);
+        image_tokens (M, n, D): image_tokens(images) already computed (the contrastive pass shares them).
 
         The image tokens replace the embeddings at the <|image|> placeholders, image after image in
         row-major order of the placeholders (so images[i] fills the i-th span); the modality embedding
         is added at every position. ValueError when the placeholders do not match the images' tokens."""
-        if images is not None and (images.dim() != 4 or tuple(images.shape[1:]) != self.pixel_shape):
-            want = ", ".join(map(str, self.pixel_shape))
-            raise ValueError(f"images have shape {tuple(images.shape)}: expected (M, {want}), image_size from the "
-                             "config (blues.vision.images.to_pixels resizes)")
+        if image_tokens is None and images is not None:
+            image_tokens = self.image_tokens(images)  # (M, n, D)
         is_image = input_ids == self.image_token_id  # (B, T)
         num_placeholders = int(is_image.sum())  # one host read per forward: the count decides the error
-        num_images = 0 if images is None else images.shape[0]
+        num_images = 0 if image_tokens is None else image_tokens.shape[0]
         if num_placeholders != num_images * self.tokens_per_image:
             raise ValueError(f"prompt has {num_placeholders} image placeholders but {num_images} image(s): each "
                              f"image fills {self.tokens_per_image} <|image|> placeholders (expected "
                              f"{num_images * self.tokens_per_image}); give one image per image span")
-        if images is not None and num_images:
-            feats = self.encode(images).to(x.dtype)  # (M, n, D)
+        if num_images:
+            feats = image_tokens.to(x.dtype)  # (M, n, D)
             x = x.masked_scatter(is_image[..., None], feats.reshape(-1, feats.shape[-1]))
         return x + self.modality_emb(is_image.long()).to(x.dtype)
