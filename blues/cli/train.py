@@ -32,11 +32,12 @@ from typing import Optional
 from blues.common import EXIT_FAILURE, OneLineParser, add_alias, atomic_write_json, run_cli
 from blues.presets import load_config
 from blues.train import build_engine, resume, train, validate
-from blues.train.checkpoint import check_resume, find_resume, read_meta
+from blues.train.checkpoint import find_resume, read_meta
 from blues.train.debug import DebugConfig
 from blues.train.ds_config import BUILTIN_DS_CONFIG, load_ds_config, zero_stage
 from blues.train.engine import describe, record_vision_pretrained
 from blues.train.loop import DEFAULT_PROMPT, stop_signals
+from blues.train.resume_check import check_resume
 
 PROG = "blues-train"
 

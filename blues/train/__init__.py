@@ -7,6 +7,8 @@
     step.py         lr_at (warmup + cosine), train_step, train_steps, evaluate
     loop.py         train(): log, evaluate, save, stop on a signal or non-finite losses, export, sample
     checkpoint.py   crash-safe checkpoints, where a run resumes, save_checkpoint / resume / export_weights
+    resume_check.py what a resume must agree on (check_resume, check_resume_config, LAYOUT_FIELDS)
+    modality.py     which experts image and text tokens use: the routing recorder, per-modality counts, events
     balance.py      balancing without an auxiliary loss: the selection bias rule (DeepSeek-V3), its state
     reshard.py      resume at another ep_size or world size: ZeRO 1/2 files -> DeepSpeed's universal layout
     ds_config.py    DeepSpeed JSON: load, fill its "auto" fields from the Blues config, refuse contradictions

@@ -51,11 +51,10 @@ import numpy as np
 import torch
 
 from blues.common import atomic_write, atomic_write_json
-from blues.config import BluesConfig
 from blues.train import balance, reshard, revival
 from blues.train.distributed import barrier
-from blues.train.ep_checkpoint import after_load, check_expert_group, expert_group, full_state_dict, save_local_experts
-from blues.vision.contrastive import has_contrastive
+from blues.train.ep_checkpoint import after_load, expert_group, full_state_dict, save_local_experts
+from blues.train.resume_check import check_resume
 
 if TYPE_CHECKING:
     from blues.train.engine import Run
@@ -67,10 +66,6 @@ LATEST = "latest"
 COMPLETE = "blues_complete.json"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 
-# Settings that are not weight shapes but still fix the checkpoint's layout: DeepSpeed cannot
-# load its partitions under another value. (ep_size is not one: a resume at another ep_size or world
-# size goes through blues.train.reshard, refused there where it cannot work.)
-LAYOUT_FIELDS = ("dtype", "freeze_router", "freeze")
 
 
 def tag_for(step: int) -> str:
@@ -274,46 +269,6 @@ def _files_of(tag_dir: str) -> dict[str, int]:
             if rel != COMPLETE:
                 out[rel] = os.path.getsize(os.path.join(root, n))
     return out
-
-
-# --------------------------------------------------------------------------- compatibility
-
-def check_resume_config(saved: BluesConfig, current: BluesConfig) -> list[str]:
-    """ValueError listing the fields that make the checkpoint unloadable; else the list of
-    compatible changes ('name: old -> new') for the log."""
-    problems = saved.architecture_diff(current)
-    a, b = saved.to_dict(), current.to_dict()
-    problems += [f"{k}: {a[k]!r} -> {b[k]!r}" for k in LAYOUT_FIELDS if a[k] != b[k]]
-    if (a["moe_backend"] == "deepspeed") != (b["moe_backend"] == "deepspeed"):
-        problems.append(f"moe_backend: {a['moe_backend']!r} -> {b['moe_backend']!r} (DeepSpeed's expert layout)")
-    if has_contrastive(saved) != has_contrastive(current):
-        problems.append(f"contrastive heads: {has_contrastive(saved)} -> {has_contrastive(current)} "
-                        f"(contrastive_steps={b['contrastive_steps']}, contrastive_weight={b['contrastive_weight']}: "
-                        "the heads exist when either is non-zero, on both sides or neither)")
-    if problems:
-        raise ValueError("cannot resume: the checkpoint was trained with another model layout; changed field(s): "
-                         + "; ".join(problems))
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
-
-
-def check_resume(meta: dict[str, Any], current: BluesConfig, tokenizer_sha256: str, world_size: int,
-                 stage: int) -> list[str]:
-    """Everything a resume must agree on; returns the compatible config changes."""
-    saved = BluesConfig.from_dict(meta["config"])
-    changes = check_resume_config(saved, current)
-    problems = []
-    if meta.get("tokenizer_sha256") != tokenizer_sha256:
-        problems.append(f"tokenizer sha256 {str(meta.get('tokenizer_sha256'))[:12]}... -> {tokenizer_sha256[:12]}...")
-    if reshard.needs_reshard(meta, current, world_size):
-        problems += reshard.reshard_problems(meta, current, world_size, stage)
-    if meta.get("zero_stage") != stage:
-        problems.append(f"ZeRO stage {meta.get('zero_stage')} -> {stage}")
-    old_groups = check_expert_group(meta, current)
-    if old_groups:
-        problems.append(old_groups)
-    if problems:
-        raise ValueError("cannot resume: " + "; ".join(problems))
-    return changes
 
 
 # --------------------------------------------------------------------------- save / load

@@ -11,6 +11,7 @@ import torch
 
 from blues.presets import tiny
 from blues.train import checkpoint as ck
+from blues.train import resume_check as rc
 
 
 class FakeEngine:
@@ -111,30 +112,30 @@ def test_find_resume_variants(tmp_path):
 def test_incompatible_resume_lists_the_fields():
     saved = tiny().replace(num_experts=4)
     with pytest.raises(ValueError, match=r"n_layer: 2 -> 3; n_embd: 128 -> 256; num_experts: 4 -> 8"):
-        ck.check_resume_config(saved, saved.replace(n_layer=3, n_embd=256, num_experts=8))
+        rc.check_resume_config(saved, saved.replace(n_layer=3, n_embd=256, num_experts=8))
     with pytest.raises(ValueError, match=r"vocab_size: 4096 -> 8192"):
-        ck.check_resume_config(saved, saved.replace(vocab_size=8192))
+        rc.check_resume_config(saved, saved.replace(vocab_size=8192))
     with pytest.raises(ValueError, match=r"dtype: 'fp32' -> 'bf16'"):  # ep_size may change: test_reshard.py
-        ck.check_resume_config(saved, saved.replace(dtype="bf16"))
+        rc.check_resume_config(saved, saved.replace(dtype="bf16"))
     with pytest.raises(ValueError, match=r"moe_backend: 'torch' -> 'deepspeed'"):
-        ck.check_resume_config(saved.replace(moe_backend="torch"),
+        rc.check_resume_config(saved.replace(moe_backend="torch"),
                                saved.replace(moe_backend="deepspeed", balance_bias_rate=0.0))
 
 
 def test_compatible_changes_are_listed():
     saved = tiny().replace(lr=2e-3, max_steps=200)
-    changes = ck.check_resume_config(saved, saved.replace(lr=5e-3, max_steps=999))
+    changes = rc.check_resume_config(saved, saved.replace(lr=5e-3, max_steps=999))
     assert changes == ["max_steps: 200 -> 999", "lr: 0.002 -> 0.005"]
 
 
 def test_check_resume_world_stage_tokenizer():
     meta = {"config": tiny().to_dict(), "tokenizer_sha256": "a" * 64, "world_size": 2, "zero_stage": 2,
             "expert_group": "ep_size_1"}
-    assert ck.check_resume(meta, tiny(), "a" * 64, 2, 2) == []
+    assert rc.check_resume(meta, tiny(), "a" * 64, 2, 2) == []
     with pytest.raises(ValueError, match=r"tokenizer sha256 aaaaaaaaaaaa\.\.\. -> bbbbbbbbbbbb\.\.\."):
-        ck.check_resume(meta, tiny(), "b" * 64, 2, 2)
+        rc.check_resume(meta, tiny(), "b" * 64, 2, 2)
     with pytest.raises(ValueError, match=r"world size 2 -> 4 needs ZeRO 1 or 2 at both ends .*; ZeRO stage 2 -> 3"):
-        ck.check_resume(meta, tiny(), "a" * 64, 4, 3)
+        rc.check_resume(meta, tiny(), "a" * 64, 4, 3)
 
 
 def test_checkpoint_without_the_expert_group_is_refused():
@@ -144,9 +145,9 @@ def test_checkpoint_without_the_expert_group_is_refused():
     meta = {"config": tiny().to_dict(), "tokenizer_sha256": "a" * 64, "world_size": 2, "zero_stage": 2}
     with pytest.raises(ValueError, match=r"cannot resume: the checkpoint keeps the expert weights in the dense "
                                          r"optimizer group .* own group 'ep_size_1': start a new run"):
-        ck.check_resume(meta, tiny(), "a" * 64, 2, 2)
+        rc.check_resume(meta, tiny(), "a" * 64, 2, 2)
     ds = tiny().replace(moe_backend="deepspeed", balance_bias_rate=0.0)
-    assert ck.check_resume(dict(meta, config=ds.to_dict()), ds, "a" * 64, 2, 2) == []
+    assert rc.check_resume(dict(meta, config=ds.to_dict()), ds, "a" * 64, 2, 2) == []
 
 
 # ----------------------------------------------------------------------------- where a run starts (issue 9)

@@ -14,9 +14,9 @@ import torch
 from blues.common import free_port
 from blues.model import Blues
 from blues.presets import tiny_vl
-from blues.train.checkpoint import check_resume_config
 from blues.train.ds_config import BUILTIN_DS_CONFIG, DS_CONFIG_DIR, load_ds_config
 from blues.train.engine import apply_freeze, validate
+from blues.train.resume_check import check_resume_config
 
 SMALL = dict(n_embd=32, n_head=2, expert_ffn_size=32, num_experts=4, balance_bias_rate=0.0, image_token_id=4097,
              vision_n_embd=32, vision_n_head=2, vision_ffn_size=32, micro_batch_size=2, warmup_steps=0, lr=1e-2,

@@ -8,7 +8,7 @@ import pytest
 
 from blues.config import BluesConfig
 from blues.presets import tiny
-from blues.train.checkpoint import check_resume_config
+from blues.train.resume_check import check_resume_config
 
 SCRIPT = r"""
 import json, sys, torch

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from blues.presets import tiny
-from blues.train import checkpoint as ck
 from blues.train import reshard
+from blues.train import resume_check as rc
 
 
 def _write_zero_checkpoint(d, world, ep, truth, step, prefix=""):
@@ -123,7 +123,7 @@ def test_another_ep_size_or_world_size_resumes_under_zero_1_and_2():
                                  (_meta(ep_size=2, stage=stage), tiny(), 1),
                                  (_meta(world=1, stage=stage), tiny().replace(ep_size=2), 4)):
             assert reshard.needs_reshard(meta, cfg, world)
-            changes = ck.check_resume(meta, cfg, "t" * 64, world, stage)
+            changes = rc.check_resume(meta, cfg, "t" * 64, world, stage)
             assert changes == [] or changes == [f"ep_size: {meta['config']['ep_size']} -> {cfg.train.ep_size}"]
     assert not reshard.needs_reshard(_meta(ep_size=2), tiny().replace(ep_size=2), 2)
 
@@ -141,7 +141,7 @@ def test_another_ep_size_or_world_size_resumes_under_zero_1_and_2():
 ])
 def test_refused_changes_are_named(meta, cfg, world, stage, expected):
     with pytest.raises(ValueError, match="cannot resume") as e:
-        ck.check_resume(meta, cfg, "t" * 64, world, stage)
+        rc.check_resume(meta, cfg, "t" * 64, world, stage)
     assert expected in str(e.value), str(e.value)
 
 
@@ -149,7 +149,7 @@ def test_checkpoint_from_before_the_expert_group_is_refused():
     meta = _meta(ep_size=2)
     del meta["expert_group"]  # written before issue 10: the experts sat in the dense decay group
     with pytest.raises(ValueError, match="keeps the expert weights in the dense optimizer group"):
-        ck.check_resume(meta, tiny(), "t" * 64, 2, 2)
+        rc.check_resume(meta, tiny(), "t" * 64, 2, 2)
 
 
 def test_ep_size_that_does_not_divide_num_experts_is_a_config_error():

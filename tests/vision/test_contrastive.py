@@ -395,7 +395,7 @@ def test_zero3_on_two_ranks_runs_the_stage_then_the_sum_and_reports_retrieval(tm
 def test_a_resume_that_switches_the_heads_on_or_off_is_refused_naming_them():
     """The heads are parameters with optimizer state: a checkpoint with them does not resume without them,
     nor the reverse; changing the weight while the heads stay is a compatible change."""
-    from blues.train.checkpoint import check_resume_config
+    from blues.train.resume_check import check_resume_config
     plain, staged = tiny_vl(), tiny_vl(contrastive_steps=2)
     for saved, current in ((plain, staged), (staged, plain)):
         with pytest.raises(ValueError, match="contrastive heads: .* -> .*contrastive_steps"):

@@ -262,7 +262,7 @@ def test_a_vision_model_with_a_frozen_clip_tower_trains_exports_and_reloads_with
 def test_a_resume_under_another_tower_is_refused(folders):
     """blues-train records the tower's config before it checks a resume: a checkpoint of a CLIP tower
     does not resume under a SigLIP one (other weights, other normalisation), and the same tower resumes."""
-    from blues.train.checkpoint import check_resume_config
+    from blues.train.resume_check import check_resume_config
     clip = record_vision_pretrained(tiny_vl(vision_pretrained=folders["clip_vision"]))
     siglip = record_vision_pretrained(tiny_vl(vision_pretrained=folders["siglip_vision"]))
     with pytest.raises(ValueError, match="cannot resume.*vision_pretrained_config"):
