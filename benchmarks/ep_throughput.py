@@ -69,7 +69,23 @@ backward / optimizer step as marked ranges, and splits each rank's time by the o
 CATEGORIES: GEMMs, attention, the loss, the expert exchange (all-to-all, with the Python of the
 autograd Function around it and its wait for the other rank), other collectives (ZeRO's gradient
 reduction, the grad norm), permutation (index/gather/scatter/sort), the optimizer, autograd's engine,
-other tensor ops, and Python outside every op.
+other tensor ops, and Python outside every op; and the forward time of each stage of Blues' EP layer
+(its blues.moe:* profiler ranges: split plan, exchange, local experts, combine).
+
+NOTE (profile, tiny shape, balanced, 2 ranks on a quiet machine, 2026-11-28, the row in
+results/ep_throughput_tiny.json; ms per step under the profiler, mean of the ranks, Blues EP=2 /
+AutoEP EP=2 / dense floor): total 186 / 155 / 123; GEMMs 78.6 / 77.2 / 72.7; loss (log-softmax + NLL)
+27.3 / 7.3 / 9.0; small tensor ops 21.5 / 16.2 / 11.4; Python outside ops 21.4 / 20.5 / 15.2; exchange
+(counts + rows, both directions, with the wait for the other rank) 18.1 / 13.5 / -; attention 7.8 /
+7.7 / 7.9; optimizer and ZeRO 7.9 / 8.3 / 6.0; permutation 3.0 / 3.8 / 0.1. Blues' EP stages, forward,
+both layers: split plan 2.3, exchange 7.3, local experts 13.6, combine 1.1. Both run the same GEMMs and
+the same collectives (6 all-to-all forward, 4 backward). What separates them is the loss: the same
+(1024, 4096) fp32 log-softmax costs Blues 3x (10.1 ms forward, 10.1 backward, 7.7 zero-fill of its
+gradient): glibc hands the freed 16 MB buffers back to the OS between Blues' steps (heap trim) and
+they are faulted in again. With MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 in
+the launcher's environment (same engines, alternating rounds) Blues EP=2 ran 12,838 tokens/s against
+AutoEP EP=2's 13,047 (0.98x); with glibc's defaults 10,940 against 11,912 (0.93x). The whole script
+with those two variables: Blues EP=2 / AutoEP EP=2 0.97x balanced, 1.00x Zipf (0.92x and 0.89x without).
 """
 from __future__ import annotations
 
