@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 from blues.model import Blues
 from blues.moe.layer import MoE
-from blues.moe.ops import resolve_moe_ops
 
 METHODS = ("frequency", "reap")
 
@@ -97,12 +96,7 @@ def _hook(layer: MoE, stats: _LayerStats, method: str):
     def observe(module, args, output):
         x = args[0]
         xf = x.reshape(-1, x.shape[-1])  # (N, D)
-        m = layer.cfg
-        ops = resolve_moe_ops(m.moe_backend, x.device)
-        logits = F.linear(xf.float(), layer.router.weight.float())  # (N, E) fp32, as MoE.forward
-        r = ops.moe_route(logits, m.top_k, score_func=m.router_score_func, norm_topk_prob=m.norm_topk_prob,
-                          selection_bias=layer.selection_bias if layer.use_selection_bias else None)
-        # the routing recomputed here is the one the layer ran (forced routing would break this)
+        r = layer.route(xf)  # eval mode: the routing the layer ran, checked below
         assert torch.equal(r.counts, output.selected), (r.counts, output.selected)
         stats.counts += r.counts.cpu()
         if method != "reap":

@@ -121,6 +121,24 @@ class MoE(nn.Module):
         one rank can receive)."""
         self.forced_skew = skew
 
+    def route(self, xf: torch.Tensor):
+        """The routing of token rows xf (N, D): fp32 router logits (+ noise in training), the op table's
+        route op (forced under blues.moe.routing.forced_routing), the selection bias; the route op's result
+        (topk_ids (N, K), topk_weights, counts (E,) before capacity, ...). What forward runs, and what
+        blues-experts, blues-prune and the per-modality telemetry recompute from a layer's input (in eval
+        mode: training-time noise cannot be recomputed)."""
+        m = self.cfg
+        route = resolve_moe_ops(m.moe_backend, xf.device).moe_route
+        logits = F.linear(xf.float(), self.router.weight.float())  # (N, E) fp32
+        if self.training and m.router_noise_std > 0:
+            logits = logits + torch.randn_like(logits) * m.router_noise_std
+        kw = dict(score_func=m.router_score_func, norm_topk_prob=m.norm_topk_prob,
+                  selection_bias=self.selection_bias if self.use_selection_bias else None)
+        if self.forced_skew is None:
+            return route(logits, m.top_k, **kw)
+        return forced_route(route, logits, m.top_k, m.capacity(xf.shape[0]), self.forced_skew,
+                            ep_size=self.ep.ep_size if self.ep is not None else 1, **kw)
+
     def forward(self, x: torch.Tensor) -> MoEOutput:
         B, T, D = x.shape
         m = self.cfg
@@ -130,16 +148,7 @@ class MoE(nn.Module):
         ops = resolve_moe_ops(m.moe_backend, x.device)
         cap = m.capacity(N)
 
-        logits = F.linear(xf.float(), self.router.weight.float())  # (N, E) fp32
-        if self.training and m.router_noise_std > 0:
-            logits = logits + torch.randn_like(logits) * m.router_noise_std
-        kw = dict(score_func=m.router_score_func, norm_topk_prob=m.norm_topk_prob,
-                  selection_bias=self.selection_bias if self.use_selection_bias else None)
-        if self.forced_skew is None:
-            r = ops.moe_route(logits, K, **kw)
-        else:
-            r = forced_route(ops.moe_route, logits, K, cap, self.forced_skew,
-                             ep_size=self.ep.ep_size if self.ep is not None else 1, **kw)
+        r = self.route(xf)
         aux = load_balancing_loss(r.counts, r.prob_sum, N, K)
         zl = z_loss(r.lse)
 

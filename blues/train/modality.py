@@ -40,8 +40,6 @@ import torch.nn.functional as F
 
 from blues.common import log_once
 from blues.moe.layer import MoE
-from blues.moe.ops import resolve_moe_ops
-from blues.moe.routing import forced_route
 from blues.train.step import split_batch
 
 if TYPE_CHECKING:
@@ -60,19 +58,9 @@ def stacked_moe_layers(model: torch.nn.Module) -> list[tuple[int, MoE]]:
 
 
 def recompute_route(layer: MoE, x: torch.Tensor):
-    """The routing `layer` ran on its input x (B, T, D): its route op's result (topk_ids (N, K), counts
-    (E,), ...), forced as the layer forces it. Eval mode (training-time router noise is random)."""
-    m = layer.cfg
-    assert not (layer.training and m.router_noise_std > 0), "router noise cannot be recomputed: use eval mode"
-    xf = x.reshape(-1, x.shape[-1])  # (N, D)
-    route = resolve_moe_ops(m.moe_backend, x.device).moe_route
-    logits = F.linear(xf.float(), layer.router.weight.float())  # (N, E) fp32, as MoE.forward
-    kw = dict(score_func=m.router_score_func, norm_topk_prob=m.norm_topk_prob,
-              selection_bias=layer.selection_bias if layer.use_selection_bias else None)
-    if layer.forced_skew is None:
-        return route(logits, m.top_k, **kw)
-    return forced_route(route, logits, m.top_k, m.capacity(xf.shape[0]), layer.forced_skew,
-                        ep_size=layer.ep.ep_size if layer.ep is not None else 1, **kw)
+    """The routing `layer` ran on its input x (B, T, D): MoE.route on its rows, in eval mode."""
+    assert not (layer.training and layer.cfg.router_noise_std > 0), "router noise cannot be recomputed: use eval mode"
+    return layer.route(x.reshape(-1, x.shape[-1]))
 
 
 @contextlib.contextmanager
