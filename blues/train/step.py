@@ -200,7 +200,7 @@ def evaluate(run: Run) -> dict[str, float]:
     (retrieval(), over the same batches)."""
     engine, has_heads = run.engine, getattr(run.model, "contrastive", None) is not None
     engine.eval()
-    s = torch.zeros(3, dtype=torch.float64)  # ce * tokens, tokens, contrastive loss * batches
+    s = torch.zeros(4, dtype=torch.float64)  # ce * tokens, tokens, contrastive loss * batches, batches with images
     pairs: list = []  # (image_emb (B, D), text_emb (B, D), targets (B, T) on the host) per batch
     for batch in run.val_loader.eval_batches(run.cfg.train.eval_steps):
         with_images = has_heads and split_batch(batch)[2] is not None
@@ -209,14 +209,14 @@ def evaluate(run: Run) -> dict[str, float]:
         s[1] += n
         if with_images:
             s[2] += out.contrastive.loss.item()
+            s[3] += 1
             pairs.append((out.contrastive.image_emb.cpu(), out.contrastive.text_emb.cpu(), batch[1]))
     engine.train()
     s = all_reduce(s.to(run.dist.device)).cpu()
     val = s[0].item() / max(1.0, s[1].item())
     ev = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
     if has_heads:
-        batches = all_reduce(torch.tensor([float(len(pairs))], device=run.dist.device)).item()
-        ev["val_contrastive_loss"] = s[2].item() / max(1.0, batches)
+        ev["val_contrastive_loss"] = s[2].item() / max(1.0, s[3].item())  # the same all-reduce as the CE
         ev.update(retrieval(run, pairs))
     return ev
 
