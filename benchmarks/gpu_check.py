@@ -88,9 +88,9 @@ NEEDS_CUDA = "needs CUDA"
 class Check:
     """The JSONL file, the printed lines, the clock and the verdict."""
 
-    def __init__(self, out_dir: str, budget_s: float, smoke: bool):
+    def __init__(self, out_dir: str, budget_s: float, smoke: bool, name: str = "gpu_check"):
         os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, "gpu_check.jsonl")
+        self.path = os.path.join(out_dir, f"{name}.jsonl")
         open(self.path, "w").close()
         self.budget_s, self.smoke, self.t0 = budget_s, smoke, time.monotonic()
         self.device = "cpu" if smoke else "cuda"
@@ -187,12 +187,14 @@ def layer_cases(smoke: bool) -> list:
         return [("T1-E1-K1", 1, 1, 1, 24, 40, "random", ALL, "one token, one expert"),
                 ("T7-E2-K2", 7, 2, 2, 40, 24, "random", ALL, "K=E, T not a power of two"),
                 ("T50-E7-K2-empty", 50, 7, 2, 40, 24, "empty", ALL, "prime E, expert 0 gets no token"),
-                ("T33-E8-K2-one", 33, 8, 2, 24, 40, "one", ALL, "expert 7 takes every token")]
+                ("T33-E8-K2-one", 33, 8, 2, 24, 40, "one", ALL, "expert 7 takes every token"),
+                ("T50-E7-K2-drops", 50, 7, 2, 40, 24, "drops", ALL, "capacity drops 25 % of the assignments")]
     return [("T1-E7-K2", 1, 7, 2, 264, 200, "random", ALL, "one token"),
             ("T999-E5-K5", 999, 5, 5, 264, 200, "random", ALL, "K=E, prime E, T not a power of two"),
             ("T4095-E7-K2-empty", 4095, 7, 2, 264, 200, "empty", ALL, "prime E, expert 0 gets no token"),
             ("T2049-E7-K2-one", 2049, 7, 2, 264, 200, "one", ALL, "expert 6 takes every token"),
-            ("T777-E64-K8", 777, 64, 8, 264, 200, "random", ("bf16",), "fine-grained experts, many nearly empty")]
+            ("T777-E64-K8", 777, 64, 8, 264, 200, "random", ("bf16",), "fine-grained experts, many nearly empty"),
+            ("T999-E7-K2-drops", 999, 7, 2, 264, 200, "drops", ALL, "capacity drops 25 % of the assignments")]
 
 
 def case_inputs(T, E, K, D, Fh, routing, dtype, device, seed=0) -> dict:
@@ -203,8 +205,10 @@ def case_inputs(T, E, K, D, Fh, routing, dtype, device, seed=0) -> dict:
     elif routing == "empty":
         logits[:, 0] -= 20.0  # never among the top K < E
     r = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(device=device, dtype=dtype)  # noqa: E731
+    # "drops": each expert keeps 3/4 of its balanced share, as a capacity factor of 0.75 would
+    capacity = (3 * T * K) // (4 * E) if routing == "drops" else None
     return dict(logits=logits.to(device), x=r(T, D), wg=r(E, D, Fh, scale=D ** -0.5), wu=r(E, D, Fh, scale=D ** -0.5),
-                wd=r(E, Fh, D, scale=Fh ** -0.5), dy=r(T, D), K=K)
+                wd=r(E, Fh, D, scale=Fh ** -0.5), dy=r(T, D), K=K, capacity=capacity)
 
 
 def run_layer_ops(inp: dict, triton: bool, upcast: bool = False) -> dict:
@@ -218,6 +222,8 @@ def run_layer_ops(inp: dict, triton: bool, upcast: bool = False) -> dict:
     K, E = inp["K"], wg.shape[0]
     r = op(route, "moe_route")(logits, K)
     idx = op(perm, "moe_permute_indices")(r.topk_ids, E)
+    if inp["capacity"] is not None:  # the layer's capacity cut: dropped assignments sort after every expert
+        idx = op(perm, "moe_permute_indices")(drop_over_capacity(r.topk_ids, idx, inp["capacity"], E), E)
     h = op(swiglu, "moe_grouped_swiglu")(x, idx.expert_offsets, wg, wu, idx.sorted_slots, K)  # (S, F)
     out = op(down, "moe_grouped_down_combine")(h, idx.expert_offsets, wd, idx.inverse, r.topk_weights)  # (T, D)
     loss = ((out.float() * inp["dy"].float()).sum() + route.load_balancing_loss(r.counts, r.prob_sum, x.shape[0], K)
@@ -603,7 +609,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for gpu_check.jsonl (created)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton's interpreter (what CI runs)")
     ap.add_argument("--budget_s", type=float, default=420.0, help="seconds after which remaining steps are skipped")
+    ap.add_argument("--steps", nargs="+", default=None, metavar="STEP",
+                    help=f"run only these steps, by name or letter (default all: {' '.join(n for n, _, _ in STEPS)})")
     args = ap.parse_args(argv)
+    names = [n for n, _, _ in STEPS]
+    wanted = set(names) if args.steps is None else {n for n in names for s in args.steps if n == s or n[0] == s}
+    if args.steps is not None and len(wanted) < len(set(args.steps)):
+        raise ValueError(f"--steps {' '.join(args.steps)}: expected step names or letters from {' '.join(names)}")
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("--smoke needs TRITON_INTERPRET=1 before triton is imported: run this file as a script")
     if not args.smoke and not torch.cuda.is_available():
@@ -612,7 +624,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     c = Check(args.out, args.budget_s, args.smoke)
     for name, fn, kind in STEPS:
-        c.guarded(name, "*", lambda fn=fn: fn(c), kind)
+        if name in wanted:
+            c.guarded(name, "*", lambda fn=fn: fn(c), kind)
     leaked = sorted(m for m in sys.modules if m == "deepspeed" or m.startswith("deepspeed."))
     c.row("imports", "no_deepspeed", "fail" if leaked else "pass", deepspeed_modules=leaked[:5])
     print_summary(c)

@@ -185,9 +185,10 @@ def _dot_loop(acc, a_ptrs, b_ptrs, rmask, cmask, K, stride_ak, stride_bk,
 #   b        (E, K, N_OUT) strides (stride_be, stride_bk, stride_bn): any layout, so the backward
 #            passes w transposed without a copy
 #   b2       when SPLIT_K, rows [K1, K) of the B operand come from b2 (b's strides) and rows [0, K1)
-#            from b: C = A[:, :K1] @ b[e] + A[:, K1:] @ b2[e] in one K loop, one accumulator (the
-#            SwiGLU input gradient [dg | du] @ [w_gate; w_up]^T, as if the two weights were one
-#            (E, 2F, D) tensor)
+#            from b: C = A[:, :K1] @ b[e] + A[:, K1:] @ b2[e], two plain K loops into one accumulator
+#            (the SwiGLU input gradient [dg | du] @ [w_gate; w_up]^T, as if the two weights were one
+#            (E, 2F, D) tensor). One loop that picked each B row's pointer from b or b2 with tl.where
+#            made the B loads non-affine; two loops keep both streams plain and pipelined.
 #   c        (N, N_OUT) row stride stride_cm, written: expert rows as above, dropped rows zero
 @triton.jit
 def _moe_grouped_gemm_kernel(a_ptr, gather_ptr, b_ptr, b2_ptr, c_ptr, offsets_ptr,
@@ -212,21 +213,11 @@ def _moe_grouped_gemm_kernel(a_ptr, gather_ptr, b_ptr, b2_ptr, c_ptr, offsets_pt
         a_offs = src[:, None] * stride_am + ks[None, :] * stride_ak
         b_offs = seg.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if SPLIT_K:
-            a_ptrs = a_ptr + a_offs
-            b_base = seg.to(tl.int64) * stride_be + cols[None, :] * stride_bn  # (1, BN)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + ks
-                kmask = kk < K
-                # (BK, BN) tile of [b; b2]: each row from b or b2, so one stream and one dot per step
-                b_ptrs = tl.where((kk < K1)[:, None], b_ptr + b_base + kk[:, None] * stride_bk,
-                                  b2_ptr + b_base + (kk - K1)[:, None] * stride_bk)
-                a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-                if UPCAST:
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
-                a_ptrs += BLOCK_K * stride_ak
+        if SPLIT_K:  # two plain K loops into one accumulator: A[:, :K1] @ b[e], then A[:, K1:] @ b2[e]
+            acc = _dot_loop(acc, a_ptr + a_offs, b_ptr + b_offs, rmask, cmask, K1, stride_ak, stride_bk,
+                            PRECISION, UPCAST, BLOCK_K)
+            acc = _dot_loop(acc, a_ptr + a_offs + K1 * stride_ak, b2_ptr + b_offs, rmask, cmask, K - K1,
+                            stride_ak, stride_bk, PRECISION, UPCAST, BLOCK_K)
         else:
             acc = _dot_loop(acc, a_ptr + a_offs, b_ptr + b_offs, rmask, cmask, K, stride_ak, stride_bk,
                             PRECISION, UPCAST, BLOCK_K)
@@ -291,19 +282,39 @@ def _moe_grouped_gemm_dw_kernel(a_ptr, gather_ptr, dc_ptr, dw_ptr, dw2_ptr, offs
 # Launchers and autograd glue
 # ----------------------------------------------------------------------------------------------
 
-# Tile shapes per kernel for bf16/fp16 on sm_90, chosen so that no kernel spills registers (checked
-# from the cubin by tests/kernels/test_moe_grouped_gemm.py::test_gpu_build_sm90). Not autotuned: no
-# GPU was at hand to time them; benchmarks/gpu_check.py is where to do it.
+# Tile shapes per kernel for bf16/fp16 on sm_90, chosen by timing the whole layer on an H200 with each
+# candidate in turn (benchmarks/kernel_tiles.py; rows in benchmarks/results/kernel_tiles_sweep_h200.jsonl): the
+# candidate with the least geometric-mean time over S1, S2 and S3b relative to each shape's best. None
+# spills registers (tests/kernels/test_moe_grouped_gemm.py::test_gpu_build_sm90 reads the cubin).
 #                 BLOCK_M, BLOCK_N, BLOCK_K (BLOCK_R for dw: rows per step), num_warps, num_stages
 _GPU_TILES = {
-    "gemm": (128, 128, 64, 8, 3),  # 121 registers, 96 KiB shared
-    "swiglu_dx": (128, 128, 32, 8, 4),  # SPLIT_K: 126 registers (139 at BLOCK_K=64), 2 CTAs per SM
-    "swiglu": (128, 64, 64, 8, 3),  # two accumulators: BLOCK_N=128 spills
-    "dw": (128, 128, 64, 8, 3),  # also both SwiGLU weight gradients (SPLIT)
+    "gemm": (128, 256, 64, 8, 4),  # 243/255 registers, 192 KiB shared; was 128x128x64x8x3: S3b 85.6 vs 90.8 ms
+    "swiglu_dx": (128, 256, 64, 8, 3),  # 248 registers, 1 CTA per SM; was 128x128x32x8x4 (2 CTAs): 82.0 vs 90.1
+    "swiglu": (128, 64, 64, 8, 3),  # two accumulators: every 128-wide or 4-warp 64-wide tile spills
+    "dw": (128, 256, 64, 8, 3),  # also both SwiGLU weight gradients (SPLIT); on sm_90 bf16, see set_dw_backend
     "swiglu_bwd": (64, 128, 0, 4, 1),  # elementwise: no K loop
 }
 _GPU_TILES_FP32 = (64, 64, 32, 4, 3)
 GROUP_M = 8  # row tiles per group in _swizzle (Triton's tutorial value); 2 under the interpreter
+
+
+def gpu_tiles() -> dict:
+    """The 16-bit GPU tile table: {kind: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)}."""
+    return dict(_GPU_TILES)
+
+
+def set_gpu_tiles(**tiles: tuple) -> dict:
+    """Replace entries of the 16-bit GPU tile table (benchmarks/kernel_tiles.py sweeps them); returns
+    the previous table, which `set_gpu_tiles(**previous)` restores. Launches after the call use it."""
+    for kind, tile in tiles.items():
+        if kind not in _GPU_TILES:
+            raise ValueError(f"set_gpu_tiles: unknown kind {kind!r}: expected one of {', '.join(_GPU_TILES)}")
+        if len(tile) != 5 or not all(isinstance(v, int) and v >= 0 for v in tile):
+            raise ValueError(f"set_gpu_tiles: {kind}={tile!r}: expected (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, "
+                             "num_stages), non-negative integers")
+    previous = gpu_tiles()
+    _GPU_TILES.update({kind: tuple(tile) for kind, tile in tiles.items()})
+    return previous
 
 
 def _gemm_config(kind: str, dtype: torch.dtype) -> dict:
@@ -357,13 +368,62 @@ def _grouped_gemm(a, expert_offsets, b, n_out_rows, K, N_OUT, E, *, gather=None,
     return c
 
 
+# The weight gradients' GEMM (issue 11). On an H200 the Triton dw kernel reached 287 TF/s at S3b while
+# the forward and input-gradient GEMMs reached 600-720: 52 % of the layer's time (the profile rows of
+# benchmarks/results/kernel_tiles_sweep_h200.jsonl). torch._grouped_mm (CUTLASS's Hopper grouped GEMM,
+# what torchtitan and DeepSpeed AutoEP call) computes the same per-expert a_rows^T @ dc_rows with the
+# rows grouped along the reduction. "auto" uses it where it runs (CUDA sm_90, bf16, 16-byte aligned
+# rows) and the Triton kernel everywhere else (fp32, fp16, other GPUs, the interpreter); "triton"
+# forces the kernel (benchmarks). With "auto" the S3b layer went from 81.8 to 64.1 ms and S1 from 14.4
+# to 12.0 ms, the gradients bitwise equal to the kernel's (benchmarks/results/kernel_tiles_h200.jsonl).
+DW_BACKENDS = ("auto", "triton")
+_DW_BACKEND = ["auto"]
+
+
+def set_dw_backend(name: str) -> str:
+    """Choose the weight-gradient GEMM ("auto" or "triton", see above); returns the previous choice."""
+    if name not in DW_BACKENDS:
+        raise ValueError(f"set_dw_backend: {name!r} is not one of {', '.join(DW_BACKENDS)}")
+    previous, _DW_BACKEND[0] = _DW_BACKEND[0], name
+    return previous
+
+
+def _dw_by_grouped_mm(a: torch.Tensor, dc: torch.Tensor, K: int, N_OUT: int) -> bool:
+    if _DW_BACKEND[0] != "auto" or interpret_mode() or not hasattr(torch, "_grouped_mm"):
+        return False
+    if not (a.is_cuda and a.dtype == dc.dtype == torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(a.device) != (9, 0):
+        return False
+    return K % 8 == 0 and N_OUT % 8 == 0 and dc.stride(1) == 1 and dc.stride(0) % 8 == 0
+
+
+def _grouped_dw_grouped_mm(a, expert_offsets, dc, E, *, gather, gather_div, split, dtype, transposed):
+    """_grouped_dw through torch._grouped_mm. Its groups run along the rows (the reduction): expert e
+    owns rows [offs[e-1], offs[e]) with offs the int32 ends, an empty expert's gradient is zero, and the
+    rows past offs[E-1] (assignments the capacity dropped) are outside every group."""
+    rows = a.index_select(0, gather // gather_div) if gather is not None else a[:dc.shape[0]]  # (S, K)
+    offs = expert_offsets[1:].to(torch.int32)  # (E,) end row of each expert
+    if transposed:  # (E, N_OUT, K) = dc_rows^T @ a_rows: the transposed layout directly
+        dw = torch._grouped_mm(dc.t(), rows, offs=offs)
+    else:
+        dw = torch._grouped_mm(rows.t(), dc, offs=offs)  # (E, K, N_OUT)
+    dw = dw.to(dtype or a.dtype)
+    if split is None:
+        return dw
+    return dw[..., :split], dw[..., split:]
+
+
 def _grouped_dw(a, expert_offsets, dc, E, K, N_OUT, *, gather=None, gather_div=1, split=None, dtype=None,
                 transposed=False):
     """Per-expert a_rows^T @ dc_rows: dw (E, K, N_OUT), or (dw (E, K, split), dw2 (E, K, N_OUT - split))
     when split is given, or its transpose dw (E, N_OUT, K) when transposed (see _moe_grouped_gemm_dw_kernel)."""
+    assert not (transposed and split is not None), "a split gradient is written untransposed"
+    if E > 0 and K > 0 and N_OUT > 0 and dc.shape[0] > 0 and _dw_by_grouped_mm(a, dc, K, N_OUT):
+        return _grouped_dw_grouped_mm(a, expert_offsets, dc, E, gather=gather, gather_div=gather_div,
+                                      split=split, dtype=dtype, transposed=transposed)
     cfg = _gemm_config("dw", a.dtype)
     n1 = N_OUT if split is None else split
-    assert not (transposed and split is not None), "a split gradient is written untransposed"
     if transposed:
         dw = torch.empty((E, N_OUT, K), dtype=dtype or a.dtype, device=a.device)
         strides = (dw.stride(0), dw.stride(2), dw.stride(1))

@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - exercised only where Triton is not ins
 
 __all__ = ["HAS_TRITON", "triton", "tl", "triton_available", "interpret_mode", "check_triton_inputs", "runnable",
            "next_pow2", "round_bf16_rtne", "TritonUnavailableError", "record_launches", "compile_for_gpu",
-           "cubin_resource_usage", "ctas_per_sm"]
+           "cubin_resource_usage"]
 
 
 @triton.jit
@@ -268,14 +268,3 @@ def cubin_resource_usage(compiled) -> dict:
     usage = {k: int(v) for k, v in re.findall(r"(REG|STACK):(\d+)", text)}
     usage["SHARED"] = compiled.metadata.shared
     return usage
-
-
-# H100 (sm_90) per-SM limits: 64K 32-bit registers, 228 KiB shared memory (1 KiB of it reserved per
-# block), 64 resident warps, registers allocated per warp in units of 256 (8 per thread).
-def ctas_per_sm(usage: dict, num_warps: int) -> int:
-    """How many CTAs of a kernel with cubin_resource_usage `usage` fit on one H100 SM at once: the
-    least of the register, shared-memory and warp limits (CUDA's occupancy rules, sm_90 numbers)."""
-    regs_per_warp = -(-usage["REG"] // 8) * 8 * 32
-    by_regs = 65536 // (regs_per_warp * num_warps)
-    by_shared = (228 * 1024) // (usage["SHARED"] + 1024)
-    return min(by_regs, by_shared, 64 // num_warps)

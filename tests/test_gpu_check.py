@@ -123,3 +123,55 @@ def test_timing_shapes_are_skipped_and_recorded_when_the_budget_is_spent(tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert [(r["name"], r["status"]) for r in rows] == [("tiny", "skipped")]
     assert rows[0]["reason"].startswith("budget:") and check.failed == []
+
+
+def test_steps_runs_only_the_named_steps_and_refuses_an_unknown_one(tmp_path):
+    cmd = [sys.executable, "-S", GPU_CHECK, "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd + ["--steps", "a", "g_backends"], cwd=tmp_path, env=_env_without_blues_installed(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, _explain(proc)
+    rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows} == {"a_env", "g_backends", "imports"}
+    proc = subprocess.run(cmd + ["--steps", "b", "z_nothing"], cwd=tmp_path, env=_env_without_blues_installed(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, _explain(proc)
+    assert "--steps b z_nothing: expected step names or letters" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+KERNEL_TILES = os.path.join(ROOT, "benchmarks", "kernel_tiles.py")
+
+
+@pytest.mark.slow
+def test_kernel_tiles_smoke_sweeps_chooses_and_checks_outputs_and_gradients(tmp_path):
+    # The tile sweep runs end to end before a GPU minute is spent on it (the interpreter ignores tiles,
+    # so its timings mean nothing): sweep rows for every kind, a choice for every kind, and the final
+    # side-by-side rows with each output and gradient checked against the table's.
+    proc = subprocess.run([sys.executable, "-S", KERNEL_TILES, "--smoke", "--out", str(tmp_path)], cwd=tmp_path,
+                          env=_env_without_blues_installed(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, _explain(proc)
+    rows = [json.loads(line) for line in (tmp_path / "kernel_tiles.jsonl").read_text().splitlines()]
+    assert [r for r in rows if r["status"] in ("fail", "error")] == []
+    kinds = {"swiglu", "gemm", "swiglu_dx", "dw"}
+    assert {r["tile_kind"] for r in rows if r["step"] == "sweep" and "fwd_bwd_ms" in r} == kinds
+    (choice,) = [r for r in rows if r["step"] == "choose"]
+    assert set(choice["tiles"]) == kinds and set(choice["per_shape"]["tiny"]) == kinds
+    final = {r["name"]: r for r in rows if r["step"] == "final"}
+    assert set(final) == {f"tiny-{n}" for n in ("triton_dw", "auto_dw", "chosen", "per_shape", "grouped_mm", "floor")}
+    for name in ("triton_dw", "auto_dw", "chosen", "per_shape"):
+        r = final[f"tiny-{name}"]
+        assert r["output_ok"] is True and r["grad_rel_err"] <= 1e-4, r  # fp32: the same sums in another order
+
+
+def test_kernel_tiles_gradient_check_catches_a_wrong_gradient(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    spec = importlib.util.spec_from_file_location("kernel_tiles_under_test", KERNEL_TILES)
+    kt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kt)
+    p = kt.ml.make_problem("tiny", "balanced", torch.float32, "cpu", 1.2)
+    table = kt.gg.gpu_tiles()
+    right, wrong = kt.TiledImpl(p, "right", table), kt.TiledImpl(p, "wrong", table)
+    with torch.no_grad():
+        wrong.inner.wd.mul_(1.1)  # a 10 % error in w_down moves the input and gate/up gradients by ~10 %
+    errs = kt.tile_grad_errors([right, kt.TiledImpl(p, "same", table), wrong], p["dy"])
+    assert errs["right"] == 0.0 and errs["same"] <= 1e-6 and errs["wrong"] > 0.05, errs
