@@ -39,7 +39,7 @@ def lr_at(step: int, t: TrainConfig) -> float:
     return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-FIXED = 7  # the scalar sums ahead of the expert counts: loss ce aux z dropped stop contrastive
+FIXED = 8  # the scalar sums ahead of the expert counts: loss ce aux z dropped stop contrastive non-finite
 
 
 @dataclass
@@ -108,19 +108,30 @@ def _forward(run: Run, batch, contrastive: Optional[str] = None):
                       images=None if images is None else _to_device(images, dev), **kw)
 
 
+def engine_skips_nonfinite(run: Run) -> bool:
+    """Does DeepSpeed itself skip an optimizer step whose gradients are not finite? Measured under ZeRO
+    2 and 3, fp32 included (tests/train/test_cli.py::test_nan_after_accumulated_micro_batches); fp16's
+    loss scaler always does. Under ZeRO 0 in fp32 it applies them; ZeRO 1 and bf16 under ZeRO 0 are
+    not measured, so they are treated as applying."""
+    return run.stage >= 2 or run.cfg.train.dtype == "fp16"
+
+
 def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
     """One optimizer step over grad_accum micro-batches on every rank (collective).
 
-    A non-finite loss on any rank (agreed by an all-reduce before backward) skips the step: with
-    no backward taken yet nothing is applied; if it appears after earlier micro-batches were
-    already accumulated, the step goes through DeepSpeed, which drops non-finite gradients under
-    ZeRO 1/2/3 and with bf16/fp16 (measured: ZeRO 2 and 3 in fp32 skip); where it applies them
-    (fp32 under ZeRO 0) training stops with an error, saving nothing.
+    A non-finite loss on any rank skips the step. Where DeepSpeed skips a step with non-finite
+    gradients itself (engine_skips_nonfinite: ZeRO 2/3, fp16), every micro-batch runs forward and
+    backward without waiting: a non-finite loss makes non-finite gradients, DeepSpeed drops the step,
+    and the per-rank flags ride in the step's one all-reduce of the metric sums, which says it was
+    skipped. Elsewhere each micro-batch's flag is all-reduced and read before its backward: with no
+    backward taken yet nothing is applied; if it appears after earlier micro-batches were already
+    accumulated, the step goes through DeepSpeed anyway. Either way, a non-finite step that DeepSpeed
+    applied stops training with an error, saving nothing (the last checkpoint is intact).
 
-    Host synchronisation (issue 11): one per micro-batch, the all-reduced non-finite flag read before
-    backward (the skip decision), and one per step, the all-reduced metric sums. The losses and the
-    expert counts are summed on the device meanwhile; inputs are copied from pinned memory without
-    waiting (tests/train/test_step_syncs.py counts them)."""
+    Host synchronisation (issue 11, part 6): one per step, the all-reduced sums (losses, the
+    non-finite flag, the expert counts, summed on the device meanwhile); plus one per micro-batch,
+    before backward, where DeepSpeed would apply non-finite gradients. Inputs are copied from pinned
+    memory without waiting (tests/train/test_step_syncs.py counts them)."""
     engine, c, dev = run.engine, run.cfg, run.dist.device
     t0 = time.perf_counter()
     lr = lr_at(run.step, c.train)
@@ -130,7 +141,8 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
     grad_accum = c.train.grad_accum
     E, L = c.moe.num_experts, run.num_moe_layers
     mode = contrastive_mode(c, run.step)
-    # loss ce aux z dropped stop contrastive | kept counts (L*E) | selected counts (L*E, before capacity)
+    deferred = engine_skips_nonfinite(run)
+    # loss ce aux z dropped stop contrastive non-finite | kept counts (L*E) | selected counts (L*E, before capacity)
     sums = torch.zeros(FIXED + 2 * L * E, dtype=torch.float64, device=dev)
     bad_at = None
     for micro in range(grad_accum):
@@ -140,11 +152,14 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
         out = _forward(run, batch, mode)
         nan_here = run.dist.rank == 0 and run.debug.nan_at(run.step + 1, micro)
         loss = out.loss * float("nan") if nan_here else out.loss
-        flag = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)  # (1,) on the device: no sync
-        if all_reduce(flag, "max").item() > 0 and bad_at is None:  # the one host read of the micro-batch
-            bad_at = micro
-            if micro == 0:
-                continue
+        if deferred:  # counted on the device; read with the sums after the step
+            sums[7] += (~torch.isfinite(loss.detach())).double()
+        else:
+            flag = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)  # (1,) on the device
+            if all_reduce(flag, "max").item() > 0 and bad_at is None:  # the host read before backward
+                bad_at = micro
+                if micro == 0:
+                    continue
         engine.backward(loss)
         engine.step()
         sums[:5] += torch.stack([loss.detach().double(), out.ce_loss.detach().double(), out.aux_loss.detach().double(),
@@ -153,14 +168,15 @@ def train_step(run: Run, batch_fn: Optional[Callable] = None) -> StepResult:
             sums[6] += out.contrastive.loss.detach().double()
         if out.expert_counts is not None:  # (2, L, E), summed on the device
             sums[FIXED:] += torch.stack((out.expert_counts, out.expert_selected)).detach().double().reshape(-1)
-    skipped = bad_at is not None
-    if skipped and bad_at > 0 and engine.was_step_applied():
-        raise FloatingPointError(
-            f"step {run.step + 1}: a non-finite loss appeared after {bad_at} accumulated micro-batches and this "
-            f"configuration (dtype={c.train.dtype}, ZeRO {run.stage}) applied the step anyway; stopping without "
-            "saving (the last checkpoint is intact)")
     sums[5] = 1.0 if run.stop_signal else 0.0
-    sums = all_reduce(sums).cpu()  # the step's one read of the metrics
+    sums = all_reduce(sums).cpu()  # the step's one read of the metrics (and, deferred, of the skip)
+    skipped = bad_at is not None or sums[7].item() > 0
+    if skipped and bad_at != 0 and engine.was_step_applied():
+        where = "in this step" if bad_at is None else f"after {bad_at} accumulated micro-batches"
+        raise FloatingPointError(
+            f"step {run.step + 1}: a non-finite loss appeared {where} and this configuration "
+            f"(dtype={c.train.dtype}, ZeRO {run.stage}) applied the step anyway; stopping without saving (the last "
+            "checkpoint is intact)")
     n = grad_accum * run.dist.world_size
     gn = None if skipped else engine.get_global_grad_norm()
     res = StepResult(step=run.step + 1, loss=float("nan") if skipped else sums[0].item() / n,

@@ -277,10 +277,12 @@ def test_shard_deepspeed_cannot_read_is_one_line_naming_it(default_run, tmp_path
 # ----------------------------------------------------------------------------- non-finite loss with accumulation
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,expect_exit", [("zero2", 0), ("zero0", 1)])
-def test_nan_after_accumulated_micro_batches(tmp_path, stage, expect_exit):
-    """grad_accum=2, NaN only in micro-batch 1 of step 3 (micro-batch 0 already backpropagated).
-    ZeRO 2 (DeepSpeed drops the non-finite gradients): the step is skipped and training goes on.
+@pytest.mark.parametrize("stage,nan_steps,expect_exit", [("zero2", "3.1", 0), ("zero2", "3", 0), ("zero0", "3.1", 1)],
+                         ids=["zero2-micro-batch-1", "zero2-every-micro-batch", "zero0-micro-batch-1"])
+def test_nan_after_accumulated_micro_batches(tmp_path, stage, nan_steps, expect_exit):
+    """grad_accum=2, NaN in micro-batch 1 of step 3 (micro-batch 0 already backpropagated), or in both.
+    ZeRO 2 (DeepSpeed drops the non-finite gradients; Blues runs every backward and learns of the NaN
+    from the step's one all-reduce): the step is skipped and training goes on.
     ZeRO 0 in fp32 (DeepSpeed would apply them): the run stops with one error line, saving nothing."""
     from blues.data.prepare import prepare
     prepare(str(tmp_path / "data"), progress=False)
@@ -289,7 +291,7 @@ def test_nan_after_accumulated_micro_batches(tmp_path, stage, expect_exit):
                         "micro_batch_size=2", "grad_accum=2", "max_steps=5", "log_interval=1", "eval_interval=100",
                         "save_interval=100", f"data_dir={tmp_path / 'data'}", f"out_dir={tmp_path / 'out'}",
                         "--no_export", "--progress", "off"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=600, env=dict(os.environ, BLUES_FAULT_NAN_STEPS="3.1"))
+                       timeout=600, env=dict(os.environ, BLUES_FAULT_NAN_STEPS=nan_steps))
     out = p.stdout + p.stderr
     assert p.returncode == expect_exit, out[-3000:]
     if expect_exit == 0:
