@@ -10,7 +10,8 @@
 #
 # Time: the check skips its remaining steps after --budget_s 420 s; `timeout` stops it at 470 s whatever
 # happens, inside the device tool's 8 minutes a command (480 s) with the start of Python and the copies.
-# Estimate on one H100, Triton compiles included (a fresh machine has no Triton cache): 5-7 minutes.
+# Measured on one H200 (2026-11-28), Triton compiles included (a fresh machine has no Triton cache): 110 s
+# for the whole check; the 42 gpu-marked tests took another 92 s (tests/kernels, tests/test_model.py -m gpu).
 #
 # The device tool's call (one call; no carry needed: the tool copies the tracked and untracked files):
 #   run(command='bash launch/gpu_check.sh "$OUT"', timeout_s=540)
