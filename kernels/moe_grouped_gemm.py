@@ -400,8 +400,9 @@ def _dw_by_grouped_mm(a: torch.Tensor, dc: torch.Tensor, K: int, N_OUT: int) -> 
 
 def _grouped_dw_grouped_mm(a, expert_offsets, dc, E, *, gather, gather_div, split, dtype, transposed):
     """_grouped_dw through torch._grouped_mm. Its groups run along the rows (the reduction): expert e
-    owns rows [offs[e-1], offs[e]) with offs the int32 ends, an empty expert's gradient is zero, and the
-    rows past offs[E-1] (assignments the capacity dropped) are outside every group."""
+    owns rows [offs[e-1], offs[e]) with offs the int32 ends, and an empty expert's gradient is zero. The
+    rows past offs[E-1] (assignments the capacity dropped) hold zeros in dc in both callers (the forward
+    writes zero rows there), so they add nothing however grouped_mm treats them."""
     rows = a.index_select(0, gather // gather_div) if gather is not None else a[:dc.shape[0]]  # (S, K)
     offs = expert_offsets[1:].to(torch.int32)  # (E,) end row of each expert
     if transposed:  # (E, N_OUT, K) = dc_rows^T @ a_rows: the transposed layout directly
