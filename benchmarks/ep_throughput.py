@@ -86,6 +86,17 @@ they are faulted in again. With MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRE
 the launcher's environment (same engines, alternating rounds) Blues EP=2 ran 12,838 tokens/s against
 AutoEP EP=2's 13,047 (0.98x); with glibc's defaults 10,940 against 11,912 (0.93x). The whole script
 with those two variables: Blues EP=2 / AutoEP EP=2 0.97x balanced, 1.00x Zipf (0.92x and 0.89x without).
+
+NOTE (the fused loss, blues.loss, fused_loss=True for every Blues model here: the loss in 4 MiB row
+chunks of logits, gradients in the forward, no (N, V) logits; 2026-11-28 04:00, glibc's defaults, load average
+1.8 -> 2.2 (another 1-thread job running), the row in results/ep_throughput_tiny.json): Blues EP=2 /
+AutoEP EP=2 1.09x balanced (13,351 / 12,290 tokens/s; paired 1.09x), 1.09x Zipf (11,995 / 11,034;
+paired 1.08x); Blues EP=2 / EP=1 0.99x balanced, 0.87x Zipf. Profile, ms per step, Blues EP=2 / AutoEP
+EP=2 / dense floor: total 157 / 177 / 119; the loss category (the fused loss's non-GEMM ops and its
+backward node; its 3 GEMMs count as GEMMs, as lm_head's did) 6.4 / 24.5 / 6.0, against 27.3 before;
+GEMMs 74.6 / 77.1 / 70.9. AutoEP's own log-softmax page-faulted in this run (24.5 ms against 7.3 in
+the row above), so part of the 1.09x is AutoEP's glibc cost: with its loss at 7.3 ms its step would be
+~160 ms, level with Blues' 157.
 """
 from __future__ import annotations
 
@@ -212,10 +223,11 @@ def blues_config(shape: str, impl: str, out_dir: str):
         s.update(num_dense_layers=s.get("n_layer", get_preset("tiny").model.n_layer),
                  dense_ffn_size=s["top_k"] * s["expert_ffn_size"])
     # No selection bias (DeepSpeed's gate has none; the routing is forced anyway) and no routed scale: the same
-    # model on every engine, whatever the tiny preset's tuning.
+    # model on every engine, whatever the tiny preset's tuning. Every Blues model takes its loss through the fused,
+    # chunked linear + cross-entropy (fused_loss; the 2026-11-28 row was measured so).
     return get_preset("tiny").replace(**s, moe_backend=backend, ep_size=ep, router_noise_std=0.0,
                                       capacity_factor=None, warmup_steps=0, max_steps=10 ** 6, out_dir=out_dir,
-                                      balance_bias_rate=0.0, routed_scaling_factor=1.0)
+                                      balance_bias_rate=0.0, routed_scaling_factor=1.0, fused_loss=True)
 
 
 def fixed_batch(cfg, rank: int):
@@ -335,7 +347,9 @@ CATEGORIES = [
                           r"|barrier|record_param_comms", True),
     ("GEMMs", r"^aten::(mm|bmm|addmm_?|baddbmm|addbmm|_grouped_mm|matmul|linear|addmv|mv)$", True),
     ("attention", r"scaled_dot_product|flash_attention|ScaledDotProduct", True),
-    ("loss (log-softmax, NLL)", r"cross_entropy|log_softmax|nll_loss|LogSoftmax|NllLoss", True),
+    # blues.loss's fused linear + cross-entropy: its forward range and its backward node (its GEMMs stay GEMMs)
+    ("loss (log-softmax, NLL)", r"cross_entropy|log_softmax|nll_loss|LogSoftmax|NllLoss|^blues\.loss:"
+                                r"|FusedLinearCrossEntropy", True),
     ("permutation", r"^aten::(index|index_select|index_add_?|index_put_?|_index_put_impl_|gather|scatter_?"
                     r"|scatter_add_?|scatter_reduce|sort|argsort|repeat_interleave|cumsum|bincount|take|nonzero"
                     r"|masked_select|masked_scatter|_unsafe_index|_unsafe_index_put|searchsorted)$"

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from blues.attention import Attention, KVCache, RMSNorm, RotaryEmbedding
 from blues.common import atomic_write, atomic_write_json
 from blues.config import BluesConfig
+from blues.loss import LMHead
 from blues.moe import Experts, MoE, SwiGLU
 from blues.moe.expert_parallel import checkpoint_contexts
 from blues.vision.contrastive import MODES as CONTRASTIVE_MODES
@@ -56,7 +57,7 @@ def keep_shapes(config: BluesConfig, new: BluesConfig) -> BluesConfig:
 
 
 class BluesOutput(NamedTuple):
-    logits: Optional[torch.Tensor]  # (B, T, V); None with contrastive="only" (no language-model pass)
+    logits: Optional[torch.Tensor]  # (B, T, V); None with fused_loss and targets, and with contrastive="only"
     loss: Optional[torch.Tensor]  # ce_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss (+ contrastive)
     ce_loss: Optional[torch.Tensor]
     aux_loss: torch.Tensor  # unweighted, mean over MoE layers
@@ -94,7 +95,7 @@ class Blues(nn.Module):
         self.drop = nn.Dropout(mc.dropout)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(mc.n_layer)])
         self.norm = RMSNorm(mc.n_embd, mc.norm_eps)
-        self.lm_head = nn.Linear(mc.n_embd, mc.vocab_size, bias=False)
+        self.lm_head = LMHead(mc.n_embd, mc.vocab_size, bias=False)  # nn.Linear; lm_head(h, targets): the fused loss
         if mc.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.rope = RotaryEmbedding(mc.head_dim, mc.block_size, mc.rope_theta, mc.rope_scaling)
@@ -145,14 +146,20 @@ class Blues(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None, images: Optional[torch.Tensor] = None,
-                contrastive: Optional[str] = None) -> BluesOutput:
+                contrastive: Optional[str] = None, return_logits: bool = False) -> BluesOutput:
         """input_ids (B, T); targets (B, T), -1 where no loss is taken; images (M, 3, S, S) in [0, 1],
         one per <|image|> span in row-major order (vision_enabled only).
 
         contrastive (a model with contrastive heads, blues.vision.contrastive; needs targets and one
         image per row): None, language modelling alone; "only", the InfoNCE loss alone (the contrastive
         stage: no language-model pass, logits None, ce_loss NaN); "add", the language-model loss +
-        contrastive_weight * InfoNCE. The MoE balance terms are in the loss in every mode."""
+        contrastive_weight * InfoNCE. The MoE balance terms are in the loss in every mode.
+
+        With fused_loss (ModelConfig) and targets, the language-model loss comes from lm_head's fused,
+        chunked linear + cross-entropy (blues.loss) and logits is None: the (B, T, V) logits never
+        exist (the same loss and gradients within fp32 rounding, tests/test_loss.py; with every target
+        -1 its ce_loss is 0 where the unfused one is NaN). return_logits=True computes the logits and
+        the loss over them in any case."""
         B, T = input_ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.model.block_size:
@@ -174,7 +181,11 @@ class Blues(nn.Module):
             x = self._decode(self.drop(x), cos, sin, kv_cache, passes)
             if kv_cache is not None:
                 kv_cache.advance(T)
-            logits = self.lm_head(self.norm(x))  # (B, T, V)
+            h = self.norm(x)  # (B, T, D)
+            if targets is None or return_logits or not self.config.model.fused_loss:
+                logits = self.lm_head(h)  # (B, T, V)
+            else:
+                ce = self.lm_head(h, targets)  # fp32 scalar, fused: no (B, T, V) logits
         if contrastive is not None:
             con = self._contrastive(targets, image_tokens, passes)
 
@@ -192,6 +203,7 @@ class Blues(nn.Module):
             balance = mo.aux_loss_coef * aux_loss + mo.z_loss_coef * z
             if logits is not None:
                 ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if ce is not None:
                 loss = ce + balance
             else:
                 ce = zero + float("nan")  # no language-model pass in the contrastive stage

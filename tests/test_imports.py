@@ -25,7 +25,7 @@ LAYERS = (
     ("blues.data.sources",),
     ("blues.data", "blues.kernels"),
     ("blues.moe",),
-    ("blues.attention", "blues.model", "blues.generate", "blues.vision"),
+    ("blues.attention", "blues.loss", "blues.model", "blues.generate", "blues.vision"),
     ("blues.hf",),
     ("blues.prune", "blues.upcycle"),
     ("blues.train",),

@@ -244,3 +244,49 @@ def test_sdpa_fp32_grouped_kv_runs_a_fused_kernel_and_equals_math():
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         fused = causal_attention(q, k, v, "sdpa")
     torch.testing.assert_close(fused, causal_attention(q, k, v, "math"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_fused_loss_equals_the_loss_over_the_logits_and_so_do_all_gradients(tie):
+    # With fused_loss, Blues.forward with targets takes the loss from lm_head's chunked linear +
+    # cross-entropy (no logits); return_logits=True is the unfused path. Tied or not, the same loss
+    # and gradients. Off (the default), the logits are there.
+    assert small()(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).logits is not None
+    model = small(tie_embeddings=tie, fused_loss=True)
+    x = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, dims=1)
+    y[0, 10:] = -1  # ignored targets
+    runs = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        torch.manual_seed(3)  # the same router noise and dropout draws in both passes
+        out = model(x, y, return_logits=return_logits)
+        out.loss.backward()
+        runs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (fused, fused_grads) = runs
+    assert plain.logits.shape == (3, 40, 97) and fused.logits is None
+    torch.testing.assert_close(fused.ce_loss, plain.ce_loss, rtol=1e-6, atol=0)  # fp32, another summation order
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-6, atol=0)
+    assert fused_grads.keys() == plain_grads.keys() and ("lm_head.weight" in fused_grads) != tie
+    for n, g in fused_grads.items():
+        torch.testing.assert_close(g, plain_grads[n], rtol=1e-4, atol=1e-7, msg=n)  # fp32, backprop of reordered sums
+
+
+def test_training_with_the_fused_loss_follows_the_unfused_one():
+    # 10 AdamW steps from the same start: the fused loss trains the model the same way.
+    x = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(2))
+    y = torch.roll(x, -1, dims=1)
+    losses = []
+    for return_logits in (True, False):
+        model = small(fused_loss=True)  # seeds: the same start and the same random draws in both runs
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        run = []
+        for _ in range(10):
+            loss = model(x, y, return_logits=return_logits).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[1][-1] < losses[1][0] - 0.5
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)  # fp32 rounding, grown over 10 Adam steps

@@ -7,6 +7,7 @@ L n_layer, V vocab, E experts, K top_k, F expert hidden.
 from __future__ import annotations
 
 from blues.config import BluesConfig, MoEConfig
+from blues.loss import CHUNK_BYTES
 
 
 def dispatch_rows(moe: MoEConfig, num_tokens: int) -> int:
@@ -46,7 +47,10 @@ def estimate_memory(cfg: BluesConfig, ds: dict, world_size: int, micro_batch: in
     backends, or E * C (3 D + 4 F) / N on DeepSpeed's (its dispatch buffer is (E, C, D), C from
     `dispatch_rows`); under expert parallelism the stacked layer's experts see the rows they receive,
     R (3 D + 4 F) / N with R from `ep_received_rows` (the worst case), plus 2 K D for the rows sent
-    out and back; the head ~ 3 V fp32 (logits, their fp32 copy, log-softmax). Activation
+    out and back. The head ~ 3 V fp32 per token (logits, their fp32 copy, log-softmax); with
+    fused_loss (blues.loss's chunked linear + cross-entropy) the fp32 gradients of h (N, D) and of
+    the weight (V, D) (and an fp32 copy of a 16-bit weight) and one chunk of fp32 logits at a time, at
+    most max(CHUNK_BYTES, 4 N D) bytes (the GPU's rule; a CPU's chunk is CHUNK_BYTES). Activation
     checkpointing keeps D per layer plus one recomputed layer. One more layer's worth is added for
     the backward's temporaries.
 
@@ -109,6 +113,9 @@ def estimate_memory(cfg: BluesConfig, ds: dict, world_size: int, micro_batch: in
     else:
         kept = N * sum(layer_elems) * a
     out["activations"] = kept + N * max(layer_elems) * a  # + one layer of backward temporaries
-    out["head"] = N * (3 * V * 4 + V * a)
+    if m.fused_loss:
+        out["head"] = N * D * (4 + a) + V * D * (4 if p == 4 else 8) + max(CHUNK_BYTES, 4 * N * D)
+    else:
+        out["head"] = N * (3 * V * 4 + V * a)
     out["total"] = sum(out.values())
     return out

@@ -127,8 +127,8 @@ def test_add_mode_is_the_lm_loss_plus_the_weighted_infonce_and_only_mode_the_inf
     torch.manual_seed(0)
     model = Blues(tiny_vl(contrastive_weight=0.25, aux_loss_coef=0.0, z_loss_coef=0.0)).eval()
     x, y, images = vl_batch()
-    lm = model(x, y, images=images)
-    add = model(x, y, images=images, contrastive="add")
+    lm = model(x, y, images=images, return_logits=True)
+    add = model(x, y, images=images, contrastive="add", return_logits=True)
     only = model(x, y, images=images, contrastive="only")
     assert lm.contrastive is None
     assert torch.equal(add.ce_loss, lm.ce_loss) and torch.equal(add.logits, lm.logits)

@@ -137,7 +137,7 @@ def test_the_loss_is_on_the_text_targets_only_and_trains_the_encoder(vl_model):
     targets = ids[:, 1:].clone()
     x = ids[:, :-1]
     targets[:, :N + 1] = -1  # the placeholders and <|image_end|> are no targets
-    out = vl_model(x, targets, images=torch.rand(1, 3, 16, 16))
+    out = vl_model(x, targets, images=torch.rand(1, 3, 16, 16), return_logits=True)
     keep = targets[0] != -1
     want = F.cross_entropy(out.logits[0][keep].float(), targets[0][keep])
     torch.testing.assert_close(out.ce_loss, want)
