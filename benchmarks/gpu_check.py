@@ -495,6 +495,22 @@ def step_timing(c: Check) -> None:
             torch.cuda.empty_cache()
 
 
+LAYER_FLOPS_PER = 18  # x T K D F: forward 6 T K D F (three GEMMs), backward 12 T K D F
+
+
+def round_robin_medians(impls: list, dy: torch.Tensor, clock, reps: int, warmup: int) -> dict:
+    """{name: {"fwd", "bwd", "fwd_bwd": median seconds}}: `warmup` rounds, then `reps` rounds that take
+    the implementations in turn (as benchmarks/moe_layer.py), so that the machine's drift hits all alike."""
+    for _ in range(warmup):
+        for impl in impls:
+            ml.measure_once(impl, dy, clock)
+    samples = {impl.name: [] for impl in impls}
+    for _ in range(reps):
+        for impl in impls:
+            samples[impl.name].append(ml.measure_once(impl, dy, clock))
+    return {n: {k: sorted(s[k] for s in v)[len(v) // 2] for k in ("fwd", "bwd", "fwd_bwd")} for n, v in samples.items()}
+
+
 def time_shape(c: Check, shape: str, dtype: str, reps: int, warmup: int) -> None:
     T, D, Fh, E, K = ml.SHAPES[shape]
     p = ml.make_problem(shape, "balanced", DTYPES[dtype], c.device, 1.2)
@@ -511,16 +527,8 @@ def time_shape(c: Check, shape: str, dtype: str, reps: int, warmup: int) -> None
     if c.device != "cuda":  # interpreter timings mean nothing
         c.row("i_timing", f"{shape}-blues_triton", "skipped", kind="timing", reason=f"{NEEDS_CUDA}: CUDA timings")
         impls = [i for i in impls if i.name != "blues_triton"]
-    clock = ml.Clock(c.device)
-    for _ in range(warmup):
-        for impl in impls:
-            ml.measure_once(impl, p["dy"], clock)
-    samples = {impl.name: [] for impl in impls}
-    for _ in range(reps):  # round-robin, as benchmarks/moe_layer.py
-        for impl in impls:
-            samples[impl.name].append(ml.measure_once(impl, p["dy"], clock))
-    med = {n: {k: sorted(s[k] for s in v)[len(v) // 2] for k in ("fwd", "bwd", "fwd_bwd")} for n, v in samples.items()}
-    flops = 18 * T * K * D * Fh  # forward 6 T K D F, backward 12 T K D F
+    med = round_robin_medians(impls, p["dy"], ml.Clock(c.device), reps, warmup)
+    flops = LAYER_FLOPS_PER * T * K * D * Fh
     for impl in impls:
         m = med[impl.name]
         row = dict(T=T, D=D, F=Fh, E=E, K=K, dtype=dtype, reps=reps, fwd_ms=m["fwd"] * 1e3, bwd_ms=m["bwd"] * 1e3,

@@ -78,7 +78,6 @@ CANDIDATES = {
         (64, 128, 64, 4, 4),  # 128, 48 KiB, 4 CTAs
     ],
 }
-FLOPS_PER = 18  # forward 6 T K D F, backward 12 T K D F
 
 
 class TiledImpl(ml.Impl):
@@ -181,19 +180,10 @@ def final_timing(c: gc.Check, shape: str, table: dict, chosen: dict, per_shape: 
             impls.append(ml.build_impl(name, p))
         except ml.ImplUnavailable as e:
             c.row("final", f"{shape}-{name}", "info", kind="timing", available=False, reason=str(e))
-    clock = ml.Clock(c.device)
-    for impl in impls:  # warm-up, and each output against the first's
-        ml.measure_once(impl, p["dy"], clock)
     errs = ml.check_outputs([i for i in impls if i.name != "floor"], p)
-    samples = {impl.name: [] for impl in impls}
-    for _ in range(reps):
-        for impl in impls:
-            samples[impl.name].append(ml.measure_once(impl, p["dy"], clock))
+    med = gc.round_robin_medians(impls, p["dy"], ml.Clock(c.device), reps, warmup=1)
     grad_errs = tile_grad_errors(impls[:tiled], p["dy"])
-    gg.set_gpu_tiles(**table)
-    gg.set_dw_backend("auto")
-    med = {n: {k: sorted(s[k] for s in v)[len(v) // 2] for k in ("fwd", "bwd", "fwd_bwd")} for n, v in samples.items()}
-    flops = FLOPS_PER * T * K * D * Fh
+    flops = gc.LAYER_FLOPS_PER * T * K * D * Fh
     for impl in impls:
         m = med[impl.name]
         row = dict(shape=shape, T=T, D=D, F=Fh, E=E, K=K, dtype=dtype, reps=reps, fwd_ms=m["fwd"] * 1e3,
@@ -216,8 +206,8 @@ def final_timing(c: gc.Check, shape: str, table: dict, chosen: dict, per_shape: 
     if c.device == "cuda" and shape in ("S2", "S3b"):  # what runs on an H100/H200: the table, "auto"
         c.row("final", f"{shape}-auto_dw-profile", "info", kind="timing",
               top_kernels=gc.profile(impls[1], p["dy"], c.device, top=14))
-        gg.set_gpu_tiles(**table)
-        gg.set_dw_backend("auto")
+    gg.set_gpu_tiles(**table)  # what the code ships, for whatever runs next
+    gg.set_dw_backend("auto")
 
 
 def main(argv=None) -> int:

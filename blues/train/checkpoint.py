@@ -67,7 +67,6 @@ COMPLETE = "blues_complete.json"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 
-
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
