@@ -20,6 +20,8 @@ is recorded (with its traceback) without stopping the next step:
   h model         a small Blues model in bf16, moe_backend triton against torch: loss and gradient norms
   i timing        S1, S2, S3a, S3b: blues_triton, blues_torch, grouped_mm and the dense floor through
                   benchmarks/moe_layer.py's functions, outputs checked first; profiler breakdown at S2
+  j loss          the fused, chunked loss (blues.loss, the default head) against the unfused one in
+                  bf16 at N=16384, D=2048, V=32768: loss and gradients, then time and peak memory
 A timing shape is skipped (and recorded so) when less of --budget_s is left than it needs; the correctness
 steps always run. --smoke runs every step
 on tiny shapes on the CPU (TRITON_INTERPRET=1, set here before triton is imported); steps that need CUDA
@@ -579,6 +581,56 @@ def profile(impl, dy: torch.Tensor, device: str, top: int = 12) -> list:
     return [dict(name=e.key[:120], calls=e.count, ms=getattr(e, attr, 0) / 1e3,
                  share=round(getattr(e, attr, 0) / total, 3)) for e in events[:top] if getattr(e, attr, 0) > 0]
 
+# ------------------------------------------------------------------------------------------ j. loss
+
+LOSS_SHAPE = dict(N=16384, D=2048, V=32768)  # 8 x 2048 tokens of a 2048-wide model, a 32k vocabulary
+
+
+def step_loss(c: Check) -> None:
+    """blues.loss's fused, chunked loss (the default head, with the GPU chunk rule) against the unfused
+    head in bf16: loss and gradients, then forward+backward time and peak memory of each."""
+    import torch.nn.functional as F
+
+    from blues.loss import fused_linear_cross_entropy
+    N, D, V = (96, 32, 53) if c.smoke else (LOSS_SHAPE["N"], LOSS_SHAPE["D"], LOSS_SHAPE["V"])
+    g = torch.Generator().manual_seed(11)
+    h0 = torch.randn(N, D, generator=g).to(c.device, torch.bfloat16)
+    w0 = (torch.randn(V, D, generator=g) * D ** -0.5).to(c.device, torch.bfloat16)
+    t = torch.randint(0, V, (N,), generator=g).to(c.device)
+    fns = {"fused": lambda h, w: fused_linear_cross_entropy(h, w, t),
+           "unfused": lambda h, w: F.cross_entropy((h @ w.T).float(), t)}
+    runs = {}
+    for name, fn in fns.items():
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        loss = fn(h, w)
+        loss.backward()
+        runs[name] = (loss.item(), h.grad.float(), w.grad.float())
+    (lf, hf, wf), (lu, hu, wu) = runs["fused"], runs["unfused"]
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    d = dict(N=N, D=D, V=V, loss_rel=abs(lf - lu) / abs(lu), grad_h_rel=rel(hf, hu), grad_w_rel=rel(wf, wu))
+    # The same bf16 logits (fp32 sums in another order); each path rounds the gradients to bf16 once, at
+    # another point: within two bf16 ulps (2^-7) of the largest gradient (tests/test_loss.py)
+    tol = dict(loss_rel=1e-4, grad_h_rel=2 * 2 ** -7, grad_w_rel=2 * 2 ** -7)
+    ok = all(d[k] <= v for k, v in tol.items())
+    c.row("j_loss", f"bf16-N{N}-D{D}-V{V}", "pass" if ok else "fail", tol=tol, **d)
+    clock, reps = ml.Clock(c.device), (2 if c.smoke else 10)
+    times = {name: [] for name in fns}
+    for i in range(reps + 1):  # the first round warms up, the rest alternate
+        for name, fn in fns.items():
+            h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+            if c.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if c.device == "cuda" else 0
+            dt = clock.time(lambda: fn(h, w).backward())
+            if i:
+                times[name].append(dt)
+            if c.device == "cuda" and i == reps:
+                d[f"{name}_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+    for name, ts in times.items():
+        d[f"{name}_fwd_bwd_ms"] = sorted(ts)[len(ts) // 2] * 1e3
+    d["x_unfused"] = d["unfused_fwd_bwd_ms"] / d["fused_fwd_bwd_ms"]
+    c.row("j_loss", "timing", "info", kind="timing", **{k: v for k, v in d.items() if k not in tol})
+
 # ------------------------------------------------------------------------------------------ main
 
 def print_summary(c: Check) -> None:
@@ -609,6 +661,7 @@ STEPS = [  # (name, function, kind of its error rows). Only timing is cut by the
     ("g_backends", step_backends, "correctness"),
     ("h_model", step_model, "correctness"),
     ("i_timing", step_timing, "timing"),
+    ("j_loss", step_loss, "correctness"),
 ]
 
 

@@ -46,11 +46,11 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     """Share the token embedding with the LM head."""
-    fused_loss: bool = False
+    fused_loss: bool = True
     """Training loss by blues.loss's fused, chunked linear + cross-entropy: no (B, T, V) logits (16 MB
     less per micro-batch of 1024 tokens at V=4096; Blues EP=2 went from 0.92x to 1.09x AutoEP on 2 CPU
-    ranks). Off by default until the memory probe's calibration test is rebuilt on a model whose
-    per-sequence memory is not the head's (the fused loss has no per-token head buffers)."""
+    ranks). false: the logits and F.cross_entropy over them (the same loss within fp32 rounding;
+    3 fp32 V-wide buffers per token)."""
     attn_backend: str = "auto"
     """auto | flash | sdpa | math. auto: flash-attn on CUDA in fp16/bf16 when installed, else SDPA."""
     init_std: float = 0.02

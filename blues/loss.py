@@ -20,7 +20,8 @@ backward alone, 1 thread, no page faults: 44 ms fused against 47 unfused (38 of 
 Memory: the saved gradients are fp32, so that a bf16 one is rounded once, after backward's scaling:
 (N, D) and (V, D), 2.5 MiB at the tiny preset with micro-batch 8 (N = 1024), where the unfused loss
 saves the (N, V) log-softmax, 16 MiB. Measured on one training step there: 37.1 MiB of saved tensors
-against 53.1, peak RSS 387 MiB against 449.
+against 53.1, peak RSS 387 MiB against 449. In 16 bits a chunk also holds its 16-bit copy of the
+softmax gradient (half the fp32 chunk again) and the 16-bit (V, D) part of the weight's gradient.
 
 Rows whose target is ignore_index add nothing; with every row ignored the loss is 0 and so are
 the gradients (F.cross_entropy gives NaN there: 0 / 0). No device-to-host sync: the number of
@@ -56,20 +57,26 @@ def _chunked_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torc
                             rows: int, need_h: bool, need_w: bool):
     """The loss (fp32 scalar, the mean over counted targets), 1 / that count (clamped at 1), and the
     fp32 gradients of h (N, D) and weight (V, D) summed over the rows (None where not needed): the
-    gradients are scaled once, in backward, so that a bf16 one is rounded only once."""
+    gradients are scaled once, in backward, so that a bf16 one is rounded only once.
+
+    The GEMMs run in the inputs' dtype, as the unfused head's do (16-bit inputs: 16-bit products
+    with fp32 accumulation, a chunk's logits rounded once to 16 bits before the fp32 softmax; an
+    fp32 GEMM would be ~16x slower on a GPU's tensor cores). Softmax, loss and the sum of the
+    weight's gradient over chunks are fp32."""
     N = h.shape[0]
-    w = weight.float()  # (V, D); the same tensor when already fp32
+    dt = torch.promote_types(h.dtype, weight.dtype)
+    w = weight.to(dt)  # (V, D); the same tensor when its dtype already is dt
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     count = torch.zeros((), dtype=torch.long, device=h.device)
     grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None  # (N, D) fp32
     new = torch.empty if N else torch.zeros  # the first chunk writes grad_w whole; no chunk: zeros
     grad_w = new(w.shape, dtype=torch.float32, device=h.device) if need_w else None  # (V, D) fp32
     for s in range(0, N, rows):
-        hc = h[s:s + rows].float()  # (C, D)
+        hc = h[s:s + rows].to(dt)  # (C, D)
         tc = targets[s:s + rows]  # (C,)
         keep = (tc != ignore_index)[:, None]  # (C, 1)
         tgt = torch.where(keep, tc[:, None], 0)  # (C, 1): any valid column for ignored rows
-        logits = hc @ w.T  # (C, V) fp32
+        logits = (hc @ w.T).float()  # (C, V) fp32 (no copy when dt is fp32)
         # One exp per logit, in place (4 ms of non-GEMM work for the tiny benchmark's (1024, 4096) against
         # 9.5 with logsumexp and a second exp for the softmax, 1 thread).
         m = logits.amax(dim=-1, keepdim=True)  # (C, 1)
@@ -81,13 +88,24 @@ def _chunked_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torc
         if need_h or need_w:
             g = e.mul_(keep / z)  # (C, V): softmax on counted rows, 0 on ignored ones
             g.scatter_add_(1, tgt, -keep.float())  # - onehot(target) on counted rows
-            if need_h:
-                torch.mm(g, w, out=grad_h[s:s + rows])  # (C, D)
-            if need_w:
-                if s == 0:
-                    torch.mm(g.T, hc, out=grad_w)  # (V, D) = (V, C) @ (C, D)
-                else:
-                    grad_w.addmm_(g.T, hc)
+            g = g.to(dt)  # (C, V) in the GEMMs' dtype; the same tensor in fp32
+            if dt == torch.float32:  # straight into the fp32 sums
+                if need_h:
+                    torch.mm(g, w, out=grad_h[s:s + rows])  # (C, D)
+                if need_w:
+                    if s == 0:
+                        torch.mm(g.T, hc, out=grad_w)  # (V, D) = (V, C) @ (C, D)
+                    else:
+                        grad_w.addmm_(g.T, hc)
+            else:
+                if need_h:
+                    grad_h[s:s + rows] = g @ w  # (C, D), one rounding to 16 bits, kept in fp32
+                if need_w:
+                    gw = g.T @ hc  # (V, D) 16-bit: this chunk's part, summed over chunks in fp32
+                    if s == 0:
+                        grad_w.copy_(gw)
+                    else:
+                        grad_w.add_(gw)
     scale = 1.0 / count.clamp(min=1)  # every row ignored: loss 0, gradients 0 (not 0 / 0)
     return loss * scale, scale, grad_h, grad_w
 
@@ -115,8 +133,8 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: t
     """F.cross_entropy((h @ weight.T).float(), targets, ignore_index=ignore_index) (the mean over counted
     targets; 0 when none counts) without the (N, V) logits. h (..., D), weight (V, D), targets (...)
     long; returns an fp32 scalar. chunk_bytes: a chunk's fp32 logits (default_chunk_bytes when None).
-    Logits, softmax and the weight's gradient accumulate in fp32 whatever the dtype of h and weight;
-    the gradients come back in their dtypes."""
+    The GEMMs run in the dtype of h and weight (fp32 accumulation); softmax, loss and the weight's
+    gradient over chunks are fp32; the gradients come back in their dtypes."""
     if h.shape[:-1] != targets.shape:
         raise ValueError(f"targets of shape {tuple(targets.shape)} do not match hidden states of shape "
                          f"{tuple(h.shape)}: one target per row of h")
@@ -125,7 +143,7 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: t
         chunk_bytes = default_chunk_bytes(h2.shape[0], h2.shape[1], h.device)
     rows = chunk_rows(weight.shape[0], chunk_bytes)
     t = targets.reshape(-1)  # (N,)
-    # fp32 logits whatever an outer autocast says (it would run the chunk GEMMs in bf16)
+    # the inputs' dtype for the GEMMs whatever an outer autocast says (fp32 inputs: fp32 logits)
     with torch.profiler.record_function(PROFILE_RANGE), torch.autocast(h.device.type, enabled=False):
         if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
             return _chunked_loss_and_grads(h2, weight, t, ignore_index, rows, False, False)[0]

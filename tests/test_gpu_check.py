@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 MOE_LAYER = os.path.join(ROOT, "benchmarks", "moe_layer.py")
 CORRECTNESS_STEPS = {"b_layer_ops", "c_permutation", "f_determinism", "g_backends", "h_model", "imports",
-                     "i_timing"}  # i_timing: the outputs are checked before they are timed
+                     "i_timing", "j_loss"}  # i_timing: the outputs are checked before they are timed
 
 
 def _env_without_blues_installed() -> dict:

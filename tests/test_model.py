@@ -250,9 +250,10 @@ def test_sdpa_fp32_grouped_kv_runs_a_fused_kernel_and_equals_math():
 def test_the_fused_loss_equals_the_loss_over_the_logits_and_so_do_all_gradients(tie):
     # With fused_loss, Blues.forward with targets takes the loss from lm_head's chunked linear +
     # cross-entropy (no logits); return_logits=True is the unfused path. Tied or not, the same loss
-    # and gradients. Off (the default), the logits are there.
-    assert small()(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).logits is not None
-    model = small(tie_embeddings=tie, fused_loss=True)
+    # and gradients. fused_loss is the default; off, the logits are there.
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    assert small()(ids, ids).logits is None and small(fused_loss=False)(ids, ids).logits is not None
+    model = small(tie_embeddings=tie)
     x = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(1))
     y = torch.roll(x, -1, dims=1)
     y[0, 10:] = -1  # ignored targets
@@ -278,7 +279,7 @@ def test_training_with_the_fused_loss_follows_the_unfused_one():
     y = torch.roll(x, -1, dims=1)
     losses = []
     for return_logits in (True, False):
-        model = small(fused_loss=True)  # seeds: the same start and the same random draws in both runs
+        model = small()  # seeds: the same start and the same random draws in both runs
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         run = []
         for _ in range(10):

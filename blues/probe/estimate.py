@@ -49,8 +49,9 @@ def estimate_memory(cfg: BluesConfig, ds: dict, world_size: int, micro_batch: in
     R (3 D + 4 F) / N with R from `ep_received_rows` (the worst case), plus 2 K D for the rows sent
     out and back. The head ~ 3 V fp32 per token (logits, their fp32 copy, log-softmax); with
     fused_loss (blues.loss's chunked linear + cross-entropy) the fp32 gradients of h (N, D) and of
-    the weight (V, D) (and an fp32 copy of a 16-bit weight) and one chunk of fp32 logits at a time, at
-    most max(CHUNK_BYTES, 4 N D) bytes (the GPU's rule; a CPU's chunk is CHUNK_BYTES). Activation
+    the weight (V, D) and one chunk of fp32 logits at a time, at most max(CHUNK_BYTES, 4 N D) bytes
+    (the GPU's rule; a CPU's chunk is CHUNK_BYTES); in 16 bits also the chunk's 16-bit softmax
+    gradient (half a chunk) and a 16-bit (V, D) part of the weight's gradient. Activation
     checkpointing keeps D per layer plus one recomputed layer. One more layer's worth is added for
     the backward's temporaries.
 
@@ -114,7 +115,8 @@ def estimate_memory(cfg: BluesConfig, ds: dict, world_size: int, micro_batch: in
         kept = N * sum(layer_elems) * a
     out["activations"] = kept + N * max(layer_elems) * a  # + one layer of backward temporaries
     if m.fused_loss:
-        out["head"] = N * D * (4 + a) + V * D * (4 if p == 4 else 8) + max(CHUNK_BYTES, 4 * N * D)
+        chunk = max(CHUNK_BYTES, 4 * N * D)
+        out["head"] = N * D * (4 + a) + (V * D * (4 + 2) + chunk * 3 // 2 if a == 2 else V * D * 4 + chunk)
     else:
         out["head"] = N * (3 * V * 4 + V * a)
     out["total"] = sum(out.values())

@@ -45,14 +45,17 @@ def test_stacked_ep_halves_the_expert_states_and_receives_the_worst_case():
 def test_the_fused_loss_keeps_no_logits_per_token():
     # Unfused, the head costs 3 fp32 V-wide buffers and one in the activation dtype per token; fused
     # (blues.loss), the fp32 gradient of h and its cast per token, and a chunk of logits that grows
-    # only once 4 N D passes CHUNK_BYTES (the GPU's rule).
+    # only once 4 N D passes CHUNK_BYTES (the GPU's rule), half again in bf16 for the chunk's 16-bit
+    # softmax gradient.
     from blues.loss import CHUNK_BYTES
     cfg = get_preset("blues01").replace(dtype="bf16")
     ds = {"zero_optimization": {"stage": 2}}
     T, V, D = cfg.model.block_size, cfg.model.vocab_size, cfg.model.n_embd
-    plain = [estimate_memory(cfg, ds, 8, b)["head"] for b in (1, 2)]
+    plain = [estimate_memory(cfg.replace(fused_loss=False), ds, 8, b)["head"] for b in (1, 2)]
     fused = [estimate_memory(cfg.replace(fused_loss=True), ds, 8, b)["head"] for b in (1, 2)]
     assert plain[1] - plain[0] == T * (3 * V * 4 + V * 2)
     chunk = [max(CHUNK_BYTES, 4 * b * T * D) for b in (1, 2)]
-    assert fused[1] - fused[0] == T * D * (4 + 2) + chunk[1] - chunk[0]
-    assert fused[0] == T * D * 6 + V * D * 8 + chunk[0]  # + the (V, D) fp32 gradient and weight copy
+    assert fused[1] - fused[0] == T * D * (4 + 2) + (chunk[1] - chunk[0]) * 3 // 2
+    assert fused[0] == T * D * 6 + V * D * 6 + chunk[0] * 3 // 2  # + the (V, D) fp32 gradient and a bf16 part
+    fp32 = estimate_memory(cfg.replace(dtype="fp32", fused_loss=True), ds, 8, 1)["head"]
+    assert fp32 == T * D * 8 + V * D * 4 + chunk[0]  # fp32: no 16-bit copies
