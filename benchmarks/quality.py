@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results", "quality.json"))
     p.add_argument("--png", default=None, help="default: --out with .png")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="train nothing: combine rows of runs that differ only in --seeds (one per core)")
+                   help="train nothing: combine rows of runs that differ only in --seeds, or only in their "
+                        "models (one per core)")
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.seeds, args.steps, args.eval_every, args.eval_steps = ["moe", "dense_active"], [1], 20, 10, 4
@@ -266,25 +267,40 @@ def run_all(args, command: str) -> dict:
 
 
 def merge_rows(paths: list[str]) -> dict:
-    """One row from the rows of runs that differ only in their seeds (run side by side, one per core)."""
+    """One row from the rows of runs side by side (one per core) that differ only in their seeds (the
+    same models) or only in their models (the same seeds)."""
     rows = []
     for path in paths:
         with open(path, encoding="utf-8") as f:
             rows.append(json.load(f))
-    same = ("corpus", "preset", "overrides", "steps", "eval_every", "eval_steps", "configs")
+    same = ("corpus", "preset", "overrides", "steps", "eval_every", "eval_steps")
     for r in rows[1:]:
         for k in same:
             if r[k] != rows[0][k]:
                 raise ValueError(f"--merge: {k} differs between {paths[0]} and the others: {rows[0][k]} vs {r[k]}")
-    seeds = [s for r in rows for s in r["seeds"]]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--merge: seeds {seeds} repeat across the files")
-    curves = {name: {int(s): c for r in rows for s, c in r["curves"][name].items()} for name in rows[0]["curves"]}
+    if all(r["configs"] == rows[0]["configs"] for r in rows):  # other seeds of the same models
+        seeds = [s for r in rows for s in r["seeds"]]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--merge: seeds {seeds} repeat across the files")
+    else:  # other models, the same seeds
+        names = [n for r in rows for n in r["configs"]]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--merge: models {names} repeat across the files: merge runs of the same models "
+                             f"with other seeds, or of other models with the same seeds")
+        seeds = rows[0]["seeds"]
+        if any(r["seeds"] != seeds for r in rows):
+            raise ValueError(f"--merge: runs of other models must have the same seeds: "
+                             f"{[r['seeds'] for r in rows]}")
+    names = list(dict.fromkeys(n for r in rows for n in r["curves"]))
+    curves = {name: {int(s): c for r in rows for s, c in r["curves"].get(name, {}).items()} for name in names}
     row = dict(rows[0])
     for k in ("commands", "loadavg_1m_before_after", "wall_seconds"):
         row[k] = [x for r in rows for x in r[k]]
+    for k in ("aliases", "configs", "params"):
+        row[k] = {n: v for r in rows for n, v in r[k].items()}
     loads = [r["expert_load_last_min_max"] for r in rows]
-    row["expert_load_last_min_max"] = {name: {s: v for ld in loads for s, v in ld[name].items()} for name in loads[0]}
+    row["expert_load_last_min_max"] = {name: {s: v for ld in loads for s, v in ld.get(name, {}).items()}
+                                       for name in names if any(name in ld for ld in loads)}
     row.update(seeds=seeds, **summarize(curves, seeds),
                curves={name: {str(s): c for s, c in per_seed.items()} for name, per_seed in curves.items()})
     return row
