@@ -35,21 +35,25 @@ def network_available(host: str, port: int = 443, timeout: float = 3.0) -> bool:
 
 
 # ----------------------------------------------------------------------------- built-in corpus
-# Two corpora ship with every Python, so Blues trains offline anywhere:
+# Three corpora ship with every Python, so Blues trains offline anywhere:
 # - "stdlib" (the default): the standard library's own .py source by path, then the pydoc topics.
 #   Python 3.11.7: 744 documents, 10.6 MB, 2.92M tokens with the default tokenizer: the tiny
 #   preset's few hundred steps see each token about once, where "pydoc" alone (110k tokens) is
 #   several epochs and the default run's sample never read like anything.
 # - "pydoc": CPython's pydoc topics (pydoc_data.topics): 79 documents, 465 KB of English, prepared
 #   in a fraction of a second: what tests use where any real text will do.
-BUILTIN_CORPORA = ("stdlib", "pydoc")
+# - "stdlib_full": "stdlib" with the library's own test suites (test, tests, idle_test): Python
+#   3.11.7: 1800 documents, 30 MB, 2.8x "stdlib": for runs that would see "stdlib" several times
+#   over (benchmarks/quality.py: 3000 steps of 4096 tokens are 4.4 epochs of "stdlib").
+BUILTIN_CORPORA = ("stdlib", "pydoc", "stdlib_full")
 DEFAULT_CORPUS = "stdlib"
-# Folders not read: test suites (test, tests, idle_test); third-party packages, different on every
-# machine (site-packages, dist-packages); pydoc_data (its topics.py is the pydoc text, already in as
-# text); compiled files (__pycache__, lib-dynload). Also skipped below: config-* and _sysconfigdata*
-# (one installation's build paths: two installs of one Python would differ).
-_SKIP_DIRS = frozenset(("test", "tests", "idle_test", "site-packages", "dist-packages", "pydoc_data",
-                        "__pycache__", "lib-dynload"))
+# Folders not read: test suites (test, tests, idle_test; read for "stdlib_full"); third-party
+# packages, different on every machine (site-packages, dist-packages); pydoc_data (its topics.py is
+# the pydoc text, already in as text); compiled files (__pycache__, lib-dynload). Also skipped
+# below: config-* and _sysconfigdata* (one installation's build paths: two installs of one Python
+# would differ).
+_TEST_DIRS = frozenset(("test", "tests", "idle_test"))
+_SKIP_DIRS = _TEST_DIRS | {"site-packages", "dist-packages", "pydoc_data", "__pycache__", "lib-dynload"}
 
 
 def _check_corpus(corpus: str) -> None:
@@ -57,14 +61,16 @@ def _check_corpus(corpus: str) -> None:
         raise ValueError(f"corpus={corpus!r} is unknown: expected one of {', '.join(BUILTIN_CORPORA)}")
 
 
-def _stdlib_documents() -> list[tuple[str, str]]:
-    """(text, "stdlib/<path>") of every selected .py file of the standard library, sorted by path."""
+def _stdlib_documents(with_tests: bool) -> list[tuple[str, str]]:
+    """(text, "stdlib/<path>") of every selected .py file of the standard library, sorted by path;
+    with_tests: the test suites' too."""
     import sysconfig
 
     root = sysconfig.get_paths()["stdlib"]
+    skip = _SKIP_DIRS - _TEST_DIRS if with_tests else _SKIP_DIRS
     found = []
     for dirpath, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith((".", "config-"))]
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith((".", "config-"))]
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         found += [(name if rel_dir == "." else f"{rel_dir}/{name}", os.path.join(dirpath, name)) for name in files
                   if name.endswith(".py") and not name.startswith((".", "_sysconfigdata"))]
@@ -79,12 +85,12 @@ def _stdlib_documents() -> list[tuple[str, str]]:
     return docs
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=len(BUILTIN_CORPORA))
 def builtin_documents(corpus: str = DEFAULT_CORPUS) -> tuple[tuple[str, str], ...]:
     """(text, where) of each document of a built-in corpus, in a fixed order. Read once per process
     (0.3 s for "stdlib"): prepare() reads its source three times (fingerprint, split, tokenize)."""
     _check_corpus(corpus)
-    docs = _stdlib_documents() if corpus == "stdlib" else []
+    docs = _stdlib_documents(with_tests=corpus == "stdlib_full") if corpus != "pydoc" else []
     try:
         from pydoc_data import topics
     except ImportError:  # some distributions package it apart
@@ -101,10 +107,14 @@ def builtin_corpus(corpus: str = DEFAULT_CORPUS) -> list[str]:
     return [text for text, _ in builtin_documents(corpus)]
 
 
-@functools.lru_cache(maxsize=2)
+CORPUS_DESCRIPTIONS = {"stdlib": "stdlib+pydoc_data.topics", "pydoc": "pydoc_data.topics",
+                       "stdlib_full": "stdlib+tests+pydoc_data.topics"}
+
+
+@functools.lru_cache(maxsize=len(BUILTIN_CORPORA))
 def _corpus_info(corpus: str) -> tuple:
     docs = builtin_corpus(corpus)
-    return (("corpus", "stdlib+pydoc_data.topics" if corpus == "stdlib" else "pydoc_data.topics"),
+    return (("corpus", CORPUS_DESCRIPTIONS[corpus]),
             ("python", platform.python_version()), ("documents", len(docs)),
             ("bytes", sum(len(d.encode()) for d in docs)),
             ("sha256", hashlib.sha256(json.dumps(docs).encode()).hexdigest()))
