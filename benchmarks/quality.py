@@ -120,7 +120,8 @@ def run_seed(configs: dict, seed: int, steps: int, eval_every: int, data: str, d
                 counts = torch.stack([r.expert_selected for r in results if r.expert_selected is not None]).sum(0)
                 share = counts / counts.sum(dim=1, keepdim=True)  # (L, E)
                 load[name] = [round(share.min().item(), 4), round(share.max().item(), 4)]
-            train_ce = statistics.fmean(r.ce_loss for r in results if not r.skipped) if results else float("nan")
+            taken = [r.ce_loss for r in results if not r.skipped]  # a skipped step's loss is NaN
+            train_ce = statistics.fmean(taken) if taken else float("nan")
             curves[name].append((done + n, round(seconds[name], 3), T.evaluate(run)["val_loss"], round(train_ce, 4)))
         done += n
         print(f"  seed {seed} step {done}: " + "  ".join(f"{k} {v[-1][2]:.4f} (train {v[-1][3]:.4f})"
