@@ -621,7 +621,7 @@ def step_loss(c: Check) -> None:
             if c.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() if c.device == "cuda" else 0
-            dt = clock.time(lambda: fn(h, w).backward())
+            dt = clock.time(lambda fn=fn, h=h, w=w: fn(h, w).backward())
             if i:
                 times[name].append(dt)
             if c.device == "cuda" and i == reps:
