@@ -26,8 +26,10 @@ the per-second curves can be compared. Seconds are training seconds only (evalua
 
 Writes one JSON object (--out, default benchmarks/results/quality.json): per model and seed the
 curve [(step, train seconds, val loss, mean training cross-entropy over the steps since the last
-point; None at step 0)] (the two losses apart show when a model learns its training data rather than
-the language: the built-in corpus is ~2.8M training tokens, a 1000-step run 1.5 epochs), the final
+point; None at step 0)] (compared across models, a gap between the two that grows faster for one
+shows it learning its training data rather than the language: the built-in corpus is ~2.8M training
+tokens, a 1000-step run 1.5 epochs; the gap itself also holds the split's own difference, ~0.2 nats
+within the first epoch of stdlib_full), the final
 val loss mean and sample std over seeds, the differences that the issue asks for (MoE -
 dense_active, moe_e16 - moe_e8) with their std over seeds (paired: the same seed, so the same
 batches), and the machine's load. Plus a PNG (--png,
