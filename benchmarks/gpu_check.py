@@ -604,10 +604,9 @@ def step_loss(c: Check) -> None:
         h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
         loss = fn(h, w)
         loss.backward()
-        runs[name] = (loss.item(), h.grad.float(), w.grad.float())
+        runs[name] = (loss.item(), h.grad, w.grad)
     (lf, hf, wf), (lu, hu, wu) = runs["fused"], runs["unfused"]
-    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
-    d = dict(N=N, D=D, V=V, loss_rel=abs(lf - lu) / abs(lu), grad_h_rel=rel(hf, hu), grad_w_rel=rel(wf, wu))
+    d = dict(N=N, D=D, V=V, loss_rel=abs(lf - lu) / abs(lu), grad_h_rel=rel_err(hf, hu), grad_w_rel=rel_err(wf, wu))
     # The same bf16 logits (fp32 sums in another order); each path rounds the gradients to bf16 once, at
     # another point: within two bf16 ulps (2^-7) of the largest gradient (tests/test_loss.py)
     tol = dict(loss_rel=1e-4, grad_h_rel=2 * 2 ** -7, grad_w_rel=2 * 2 ** -7)

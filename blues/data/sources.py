@@ -45,7 +45,9 @@ def network_available(host: str, port: int = 443, timeout: float = 3.0) -> bool:
 # - "stdlib_full": "stdlib" with the library's own test suites (test, tests, idle_test): Python
 #   3.11.7: 1800 documents, 30 MB, 2.8x "stdlib": for runs that would see "stdlib" several times
 #   over (benchmarks/quality.py: 3000 steps of 4096 tokens are 4.4 epochs of "stdlib").
-BUILTIN_CORPORA = ("stdlib", "pydoc", "stdlib_full")
+CORPUS_DESCRIPTIONS = {"stdlib": "stdlib+pydoc_data.topics", "pydoc": "pydoc_data.topics",
+                       "stdlib_full": "stdlib+tests+pydoc_data.topics"}  # name -> meta.json's "corpus"
+BUILTIN_CORPORA = tuple(CORPUS_DESCRIPTIONS)
 DEFAULT_CORPUS = "stdlib"
 # Folders not read: test suites (test, tests, idle_test; read for "stdlib_full"); third-party
 # packages, different on every machine (site-packages, dist-packages); pydoc_data (its topics.py is
@@ -105,10 +107,6 @@ def builtin_documents(corpus: str = DEFAULT_CORPUS) -> tuple[tuple[str, str], ..
 def builtin_corpus(corpus: str = DEFAULT_CORPUS) -> list[str]:
     """The texts of a built-in corpus (BUILTIN_CORPORA); its content varies by Python version."""
     return [text for text, _ in builtin_documents(corpus)]
-
-
-CORPUS_DESCRIPTIONS = {"stdlib": "stdlib+pydoc_data.topics", "pydoc": "pydoc_data.topics",
-                       "stdlib_full": "stdlib+tests+pydoc_data.topics"}
 
 
 @functools.lru_cache(maxsize=len(BUILTIN_CORPORA))
