@@ -9,6 +9,11 @@ unlinks its own file once every rank has mapped every file (a barrier after the 
 mappings stay valid, and the kernel frees the memory when the last rank unmaps it, at any exit,
 SIGKILL included. An atexit hook repeats the unlink for a process that exits before that point.
 Only this rank's file of this run (its uid, address and port) is touched, never another run's.
+
+Every process group is destroyed at exit (another atexit hook), while the interpreter is still whole:
+left to the interpreter's teardown, gloo's worker threads can outlive it, and a rank that had finished
+its work aborted ("terminate called without an active exception", exit -6; seen once in CI, in
+tests/train/test_balance.py, after both ranks had written their results).
 """
 from __future__ import annotations
 
@@ -60,6 +65,7 @@ def init_distributed() -> DistInfo:
         # registered first: a rank that exits before the barrier below still removes its file
         atexit.register(lambda: remove_shm_buffer(shm_buffer_path(rank)))
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        atexit.register(destroy_process_groups)  # runs before the unlink above (atexit is last-in, first-out)
         barrier()  # every rank has mapped every rank's buffer (shm_initialize returned everywhere)
         remove_shm_buffer(shm_buffer_path(rank))
     return DistInfo(rank, world, local_rank, nproc_per_node, device)
@@ -80,6 +86,13 @@ def remove_shm_buffer(path: str) -> None:
         pass
     except OSError as e:  # not ours to fix, but say so: the file holds 66 MB until a reboot
         log.warning("could not remove DeepSpeed's shared-memory buffer %s: %s", path, e)
+
+
+def destroy_process_groups() -> None:
+    """Destroy every process group this process holds (a no-op when there is none). Local to the rank:
+    no collective, so a rank whose peer has already gone does not wait for it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:

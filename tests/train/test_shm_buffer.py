@@ -1,5 +1,5 @@
 """blues.train.distributed names DeepSpeed's /dev/shm allreduce buffer as DeepSpeed does (the runs
-that remove it are in test_distributed.py and test_cli.py)."""
+that remove it are in test_distributed.py and test_cli.py), and destroys its process groups at exit."""
 import os
 import re
 
@@ -29,3 +29,22 @@ def test_remove_is_idempotent_and_touches_only_its_file(tmp_path):
     remove_shm_buffer(str(mine))
     remove_shm_buffer(str(mine))  # the atexit hook repeats it: no error
     assert not mine.exists() and other.exists()
+
+
+def test_the_process_group_is_destroyed_before_the_interpreter_exits(tmp_path):
+    """init_distributed's exit hook destroys every process group (left to the interpreter's teardown, a
+    gloo rank once aborted with -6 after its work was done). A hook registered before init_distributed
+    runs after init's hooks (atexit is last-in, first-out) and sees no process group left."""
+    import subprocess
+    import sys
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import atexit, torch\n"
+        "atexit.register(lambda: print('initialized at exit:', torch.distributed.is_initialized(), flush=True))\n"
+        "from blues.train.distributed import init_distributed\n"
+        "init_distributed()\n"
+        "print('initialized in main:', torch.distributed.is_initialized(), flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "initialized in main: True" in p.stdout and "initialized at exit: False" in p.stdout, p.stdout
