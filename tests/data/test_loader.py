@@ -90,6 +90,27 @@ def test_two_ranks_read_disjoint_windows(builtin_cache):
     assert not rows[0] & rows[1]
 
 
+def test_eval_windows_spread_over_the_whole_split(builtin_cache):
+    """A few evaluation batches sample the whole validation split, not its first documents: each row is
+    a whole window of the split, no window twice, the rows cover every tenth of the split, and on 2
+    ranks each rank's rows come from its own windows. Asking for more batches than there are gives as
+    many windows as whole batches hold, none twice."""
+    T, B = 32, 4
+    for W in (1, 2):
+        loaders = [TokenLoader(builtin_cache, "val", T, B, rank=r, world_size=W) for r in range(W)]
+        tokens, n = loaders[0].tokens, loaders[0].num_tokens
+        where = {tuple(tokens[p:p + T].tolist()): p for p in range(0, n - T, T + 1)}  # whole windows
+        assert len(where) == (n - T - 1) // (T + 1) + 1  # distinct windows: each row's place is unique
+        per_rank = (n // (T + 1)) // W
+        for loader in loaders:
+            pos = [where[tuple(r)] for x, _ in loader.eval_batches(3) for r in x.tolist()]
+            assert len(pos) == 12 and len(set(pos)) == 12 and pos == sorted(pos)
+            assert all((p // (T + 1)) % W == loader.rank for p in pos)  # this rank's windows only
+            assert {p * 10 // n for p in pos} == set(range(10))  # every tenth of the split is sampled
+            every = [where[tuple(r)] for x, _ in loader.eval_batches(10 ** 6) for r in x.tolist()]
+            assert len(every) == per_rank - per_rank % B and len(set(every)) == len(every)
+
+
 def test_any_ranks_state_resumes_every_rank(builtin_cache):
     # ranks move in step, so a checkpoint may keep rank 0's loader state only
     r0, r1 = (TokenLoader(builtin_cache, "train", 32, 4, seed=2, rank=r, world_size=2) for r in range(2))
