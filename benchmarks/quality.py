@@ -7,6 +7,7 @@ and per second, on the built-in corpus.
     python benchmarks/quality.py --models moe --variant nonoise:router_noise_std=0 --variant e16:num_experts=16
     python benchmarks/quality.py --seeds 1 --out q1.json & python benchmarks/quality.py --seeds 2 3 --out q23.json
     python benchmarks/quality.py --merge q1.json q23.json      # one row and PNG from runs on two cores
+    python benchmarks/quality.py --merge a.json b.json --compare e16_aux0 e8_aux0   # + that paired difference
 
 Models (all from the base config: --preset plus --set overrides; same steps, same batches per seed):
 - moe:          the base config as it is
@@ -31,8 +32,8 @@ shows it learning its training data rather than the language: the built-in corpu
 tokens, a 1000-step run 1.5 epochs; the gap itself also holds the split's own difference, ~0.2 nats
 within the first epoch of stdlib_full), the final
 val loss mean and sample std over seeds, the differences that the issue asks for (MoE -
-dense_active, moe_e16 - moe_e8) with their std over seeds (paired: the same seed, so the same
-batches), and the machine's load. Plus a PNG (--png,
+dense_active, moe_e16 - moe_e8, and A - B for each --compare A B) with their std over seeds (paired:
+the same seed, so the same batches), and the machine's load. Plus a PNG (--png,
 default next to --out): val loss against steps and against seconds, mean over seeds, a band of
 +-1 std. Exit code 0; the verdict is in the printed table and the JSON.
 """
@@ -138,8 +139,9 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarize(curves: dict, seeds: list[int]) -> dict:
-    """name -> final val loss mean/std over seeds; plus paired differences."""
+def summarize(curves: dict, seeds: list[int], compare: tuple = ()) -> dict:
+    """name -> final val loss mean/std over seeds; plus paired differences (the issue's, and A - B for
+    each (A, B) in compare)."""
     out = {}
     for name, per_seed in curves.items():
         finals = [per_seed[s][-1][2] for s in seeds]
@@ -148,10 +150,14 @@ def summarize(curves: dict, seeds: list[int]) -> dict:
         out[name] = {"final_val_loss_mean": round(mean, 4), "final_val_loss_std": round(std, 4),
                      "final_val_loss_per_seed": [round(f, 4) for f in finals],
                      "train_seconds_mean": round(statistics.fmean(secs), 1)}
+    for a, b in compare:
+        if a not in curves or b not in curves:
+            raise ValueError(f"--compare {a} {b}: no model named {a if a not in curves else b}; "
+                             f"the models are {', '.join(curves)}")
     diffs = {}
     pairs = [(a, "dense_active") for a in curves if not a.startswith("dense")]
-    pairs += [("moe", "dense_total"), ("moe_e16", "moe_e8")]
-    for a, b in pairs:
+    pairs += [("moe", "dense_total"), ("moe_e16", "moe_e8"), *map(tuple, compare)]
+    for a, b in dict.fromkeys(pairs):
         if a in curves and b in curves:
             d = [curves[a][s][-1][2] - curves[b][s][-1][2] for s in seeds]
             mean, std = mean_std(d)
@@ -205,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="moe and dense_active, 1 seed, 20 steps: a quick check")
     p.add_argument("--out", default=os.path.join(HERE, "results", "quality.json"))
     p.add_argument("--png", default=None, help="default: --out with .png")
+    p.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="also report the paired difference A - B of two models' final val losses")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="train nothing: combine rows of runs that differ only in --seeds, or only in their "
                         "models (one per core)")
@@ -213,7 +221,7 @@ def main(argv=None) -> int:
         args.models, args.seeds, args.steps, args.eval_every, args.eval_steps = ["moe", "dense_active"], [1], 20, 10, 4
 
     if args.merge:
-        row = merge_rows(args.merge)
+        row = merge_rows(args.merge, args.compare)
     else:
         row = run_all(args, " ".join(sys.argv[1:] if argv is None else argv))
     report(row, args.out, args.png)
@@ -265,7 +273,7 @@ def run_all(args, command: str) -> dict:
         "configs": {name: {k: v for k, v in configs[aliases.get(name, name)].to_dict().items() if k in SHOWN}
                     for name in curves},
         "params": {name: param_counts(configs[aliases.get(name, name)]) for name in curves},
-        **summarize(curves, args.seeds),
+        **summarize(curves, args.seeds, args.compare),
         # share of an expert in the assignments of the last eval_every steps, min and max over layers
         # and experts (1 / num_experts when even; 0 is an expert that no token chose)
         "expert_load_last_min_max": {name: load[aliases.get(name, name)] for name in curves
@@ -274,7 +282,7 @@ def run_all(args, command: str) -> dict:
     }
 
 
-def merge_rows(paths: list[str]) -> dict:
+def merge_rows(paths: list[str], compare: tuple = ()) -> dict:
     """One row from the rows of runs side by side (one per core) that differ only in their seeds (the
     same models) or only in their models (the same seeds)."""
     rows = []
@@ -309,7 +317,7 @@ def merge_rows(paths: list[str]) -> dict:
     loads = [r["expert_load_last_min_max"] for r in rows]
     row["expert_load_last_min_max"] = {name: {s: v for ld in loads for s, v in ld.get(name, {}).items()}
                                        for name in names if any(name in ld for ld in loads)}
-    row.update(seeds=seeds, **summarize(curves, seeds),
+    row.update(seeds=seeds, **summarize(curves, seeds, compare),
                curves={name: {str(s): c for s, c in per_seed.items()} for name, per_seed in curves.items()})
     return row
 

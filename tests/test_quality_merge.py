@@ -57,3 +57,14 @@ def test_anything_else_that_differs_is_refused(tmp_path, rows, match):
     paths = [write(tmp_path, f"{i}.json", r) for i, r in enumerate(rows)]
     with pytest.raises(ValueError, match=match):
         quality.merge_rows(paths)
+
+
+def test_compare_adds_the_paired_difference_of_any_two_models_and_names_an_unknown_one(tmp_path):
+    a = write(tmp_path, "a.json", row({"moe_e8": 3.60, "e8_aux0": 3.58}, [1, 2]))
+    b = write(tmp_path, "b.json", row({"moe_e16": 3.55, "e16_aux0": 3.50}, [1, 2]))
+    m = quality.merge_rows([a, b], [("e16_aux0", "e8_aux0"), ("e8_aux0", "moe_e8")])
+    assert m["differences"]["e16_aux0 - e8_aux0"]["per_seed"] == [pytest.approx(-0.08)] * 2
+    assert m["differences"]["e8_aux0 - moe_e8"]["mean"] == pytest.approx(-0.02)
+    assert "moe_e16 - moe_e8" in m["differences"]  # the pair is still there
+    with pytest.raises(ValueError, match="--compare e16 moe_e8: no model named e16; the models are moe_e8, "):
+        quality.merge_rows([a, b], [("e16", "moe_e8")])
