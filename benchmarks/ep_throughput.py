@@ -271,6 +271,7 @@ def build_autoep(impl: str, shape: str, dist, root: str) -> Bench:
 
     from blues.train.distributed import all_reduce
     from blues.train.ds_config import BUILTIN_DS_CONFIG, resolve_ds_config
+    from blues.train.engine import adamw
     cfg = blues_config(shape, impl, os.path.join(root, impl))
     ep = cfg.train.ep_size
     ds = resolve_ds_config(BUILTIN_DS_CONFIG, cfg, dist.world_size, monitor_dir=os.path.join(root, impl, "monitor"))
@@ -284,7 +285,7 @@ def build_autoep(impl: str, shape: str, dist, root: str) -> Bench:
         groups = [{"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
                   {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         groups = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        return adamw(groups, t)
 
     engine, _, _, _ = deepspeed.initialize(model=mixtral(cfg), optimizer=optimizer, config=ds)
     n_layers = force_autoep(engine.module)
