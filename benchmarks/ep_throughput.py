@@ -97,6 +97,21 @@ backward node; its 3 GEMMs count as GEMMs, as lm_head's did) 6.4 / 24.5 / 6.0, a
 GEMMs 74.6 / 77.1 / 70.9. AutoEP's own log-softmax page-faulted in this run (24.5 ms against 7.3 in
 the row above), so part of the 1.09x is AutoEP's glibc cost: with its loss at 7.3 ms its step would be
 ~160 ms, level with Blues' 157.
+
+NOTE (profile, wide shape, balanced, 2 ranks, 2026-11-28 09:43, load average 0.9 -> 1.8, torch's
+default AdamW; `--shapes wide --rounds 1 --routing balanced --profile wide`; ms per step under the
+profiler, mean of the ranks, Blues EP=2 / AutoEP EP=2 / DeepSpeed native EP=2 / dense floor): wall 1264
+/ 1226 / 1299 / 1077; forward 397 / 283 / 439 / 407; backward 572 / 674 / 633 / 571; optimizer step
+210 / 269 / 227 / 99. Blues' forward + backward (969) is the dense floor's (978): at this width the
+router, permutation and exchange cost no more than the floor's wider dense GEMMs save (GEMMs 690 vs
+738; exchange 38, permutation 9; EP stages, forward: split plan 3.8, exchange 18.1, local experts
+156.4, combine 2.5). The whole gap to the floor is the optimizer step over twice the floor's
+parameters per rank (4 of 8 experts of F=1024 against one SwiGLU of 2F). 1.2x AutoEP means a step
+of 1226 / 1.2 = 1022 ms: the floor's forward and backward alone take 978, which leaves 44 ms for an
+optimizer step that takes 99 even on the floor's half as many parameters. Out of reach at this shape
+on these ranks, whatever the MoE layer does. The default AdamW ran 94 ms of Blues' 210 (sqrt, div,
+mul, addcdiv, lerp: one memory pass each); blues.train.engine.adamw is fused since (one pass; 22 vs
+141 ms on the same 12.6M parameters).
 """
 from __future__ import annotations
 
