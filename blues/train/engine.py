@@ -300,7 +300,7 @@ def build_optimizer(model, cfg: BluesConfig, ds: dict):
     groups = [g for g in groups if g["params"]]  # a group the freeze emptied: ZeRO 1/2 cannot flatten one
     if offloads_optimizer(ds) and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **_adam_hparams(t))
     if offloads_optimizer(ds):
         ds["zero_force_ds_cpu_optimizer"] = False
     return adamw(groups, t)
@@ -313,7 +313,12 @@ def adamw(groups: list, t) -> torch.optim.AdamW:
     of the ep_throughput wide shape): 22 ms a step fused, 141 ms with torch's default; the default ran
     94 ms of its 1.26 s training step there (benchmarks/ep_throughput.py --profile wide). The results
     differ from the default's in the last bits (6e-8 after 10 steps of a unit-scale tensor)."""
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True)
+    return torch.optim.AdamW(groups, **_adam_hparams(t), fused=True)
+
+
+def _adam_hparams(t) -> dict:
+    """The run's Adam hyperparameters (t: TrainConfig), one place for every Adam Blues builds."""
+    return dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
 
 
 def seed_ranks(cfg: BluesConfig, rank: int) -> None:
