@@ -112,6 +112,18 @@ optimizer step that takes 99 even on the floor's half as many parameters. Out of
 on these ranks, whatever the MoE layer does. The default AdamW ran 94 ms of Blues' 210 (sqrt, div,
 mul, addcdiv, lerp: one memory pass each); blues.train.engine.adamw is fused since (one pass; 22 vs
 141 ms on the same 12.6M parameters).
+The copies (aten::copy_ 117 ms a step against the floor's 34) follow the same count: ZeRO 2 copies each
+gradient into this rank's fp32 partition and the updated partition back into the parameters, and a rank
+of EP=2 on 2 ranks owns all of its 4 experts (expert-data-parallel group of 1: 12.6M) plus half of the
+rest (1.7M), 14.3M in all, against the floor's 4.9M (9.7M / 2): 2.9x the elements, 3.4x the copy time.
+AutoEP's copies are the same (119 ms). Spreading them needs expert data parallelism (ep_size < ranks).
+
+NOTE (tiny shape with the fused AdamW, 5 alternating rounds, 2026-11-28 12:32, load 0.1 -> 2.2, nothing
+else running; results/ep_throughput_tiny_fused_adamw.json): Blues EP=2 / AutoEP EP=2 0.98x balanced
+(paired 1.03x), 1.04x Zipf, where the row above read 1.09x / 1.09x. Blues EP=2's rounds were bimodal
+(11.0-11.3k tokens/s in three, 12.6-12.8k in two); under the profiler its step took 155 ms against
+AutoEP's 208 (AutoEP's log-softmax page-faulting again: 27 ms). At this shape the 1.1x target lies
+within the round-to-round noise of these ranks.
 """
 from __future__ import annotations
 
