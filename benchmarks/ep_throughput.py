@@ -122,8 +122,10 @@ NOTE (tiny shape with the fused AdamW, 5 alternating rounds, 2026-11-28 12:32, l
 else running; results/ep_throughput_tiny_fused_adamw.json): Blues EP=2 / AutoEP EP=2 0.98x balanced
 (paired 1.03x), 1.04x Zipf, where the row above read 1.09x / 1.09x. Blues EP=2's rounds were bimodal
 (11.0-11.3k tokens/s in three, 12.6-12.8k in two); under the profiler its step took 155 ms against
-AutoEP's 208 (AutoEP's log-softmax page-faulting again: 27 ms). At this shape the 1.1x target lies
-within the round-to-round noise of these ranks.
+AutoEP's 208 (AutoEP's log-softmax page-faulting again: 27 ms). The two alone, 8 rounds (`--impls
+blues_ep2 autoep_ep2 --rounds 8`, 13:18, load 0.8 -> 2.4; results/ep_throughput_tiny_pair.json): 1.04x
+balanced (paired 1.01x), 1.06x Zipf. At this shape the 1.1x target lies within the round-to-round noise
+of these ranks: 1.0-1.09x in every run since the fused loss.
 """
 from __future__ import annotations
 
