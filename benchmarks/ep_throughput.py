@@ -125,7 +125,7 @@ else running; results/ep_throughput_tiny_fused_adamw.json): Blues EP=2 / AutoEP 
 AutoEP's 208 (AutoEP's log-softmax page-faulting again: 27 ms). The two alone, 8 rounds (`--impls
 blues_ep2 autoep_ep2 --rounds 8`, 13:18, load 0.8 -> 2.4; results/ep_throughput_tiny_pair.json): 1.04x
 balanced (paired 1.01x), 1.06x Zipf. At this shape the 1.1x target lies within the round-to-round noise
-of these ranks: 1.0-1.09x in every run since the fused loss.
+of these ranks: 0.98-1.09x as a median of rounds (paired 1.01-1.09x) in the three runs since the fused loss.
 """
 from __future__ import annotations
 
