@@ -124,10 +124,10 @@ else running; results/ep_throughput_tiny_fused_adamw.json): Blues EP=2 / AutoEP 
 (11.0-11.3k tokens/s in three, 12.6-12.8k in two); under the profiler its step took 155 ms against
 AutoEP's 208 (AutoEP's log-softmax page-faulting again: 27 ms). The two alone, 8 rounds (`--impls
 blues_ep2 autoep_ep2 --rounds 8`, 13:18, load 0.8 -> 2.4; results/ep_throughput_tiny_pair.json): 1.04x
-balanced (paired 1.01x), 1.06x Zipf. At this shape the 1.1x target lies within the round-to-round noise
-of these ranks: 0.98-1.09x as a median of rounds (paired 1.01-1.09x) in the three runs since the fused loss.
-A quiet run of all six, 10 rounds (14:09, load 0.2 -> 2.1; results/ep_throughput_tiny_10rounds.json):
-1.09x balanced (paired 1.09x), 1.10x Zipf (paired 1.10x), Blues EP=2's rounds not bimodal (12.4-13.8k).
+balanced (paired 1.01x), 1.06x Zipf. A quiet run of all six, 10 rounds (14:09, load 0.2 -> 2.1;
+results/ep_throughput_tiny_10rounds.json): 1.09x balanced (paired 1.09x), 1.10x Zipf (paired 1.10x), Blues
+EP=2's rounds not bimodal (12.4-13.8k). Over the four runs since the fused loss: 0.98-1.09x balanced,
+1.04-1.10x Zipf as medians of rounds; the 1.1x target at this shape sits at the edge of these ranks' noise.
 """
 from __future__ import annotations
 
