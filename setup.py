@@ -51,7 +51,7 @@ setup(
     entry_points={
         "console_scripts": [
             "blues-prepare=blues.cli.prepare:main",
-            "blues-train=blues.cli.train:main",
+            "blues-train=blues.cli.train:entry_point",
             "blues-generate=blues.cli.generate:main",
             "blues-probe=blues.cli.probe:main",
             "blues-submit=blues.cli.submit:main",

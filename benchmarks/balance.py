@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
@@ -101,4 +100,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from blues.train import exit_process
+    exit_process(main())  # a rank's end: no interpreter teardown (blues.train.distributed says why)

@@ -346,4 +346,5 @@ def report(row: dict, out: str, png: Optional[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from blues.train import exit_process
+    exit_process(main())  # a rank's end: no interpreter teardown (blues.train.distributed says why)

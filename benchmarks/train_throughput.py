@@ -122,4 +122,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from blues.train import exit_process
+    exit_process(main())  # a rank's end: no interpreter teardown (blues.train.distributed says why)

@@ -2,9 +2,7 @@
 
 The per-rank entry the deepspeed launcher runs; the same as `deepspeed --module blues.train`.
 """
-import sys
-
-from blues.cli.train import main
+from blues.cli.train import entry_point
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -27,11 +27,11 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional
+from typing import NoReturn, Optional
 
 from blues.common import EXIT_FAILURE, OneLineParser, add_alias, atomic_write_json, run_cli
 from blues.presets import load_config
-from blues.train import build_engine, resume, train, validate
+from blues.train import build_engine, exit_process, resume, train, validate
 from blues.train.checkpoint import find_resume, read_meta
 from blues.train.debug import DebugConfig
 from blues.train.ds_config import BUILTIN_DS_CONFIG, load_ds_config, zero_stage
@@ -133,5 +133,12 @@ def _train(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+def entry_point() -> NoReturn:
+    """The blues-train command as a process runs it (console script, `python -m blues.train`,
+    launch/train.py): main(), then exit_process, so that a rank ends without the interpreter's teardown
+    (blues.train.distributed.exit_process says why). Tests call main() in-process instead."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -126,6 +126,7 @@ for backend, freeze, freeze_router in [("torch", "encoder", False), ("torch", "a
         "finite": all(r.loss == r.loss for r in res)}
     run.engine.destroy()
 print("RESULTS " + json.dumps(out))
+T.exit_process(0)  # a rank's end: no interpreter teardown (blues.train.distributed says why)
 """
 
 
@@ -177,6 +178,7 @@ for ds, freeze in [("zero2.json", "all_but_moe"), ("zero3.json", "all_but_projec
     run.engine.destroy()
 with open(os.path.join(out, f"results_{dist.rank}.json"), "w") as f:  # a file each: the ranks' stdout interleaves
     json.dump(R, f)
+T.exit_process(0)  # a rank's end: no interpreter teardown (blues.train.distributed says why)
 """
 
 

@@ -221,6 +221,7 @@ with record_eval_modality(text) as rec:
     T.evaluate(text)
 res["text_rec"], res["text_load"] = rec is None, modality_load(text, rec)
 print("RESULTS " + json.dumps(res))
+T.exit_process(0)  # a rank's end: no interpreter teardown (blues.train.distributed says why)
 """
 
 
