@@ -227,7 +227,8 @@ def worker(rank, out_dir, port):
            "forced_counts": forced(rank, g), "checkpointed": checkpointed(rank, g)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
-    torch.distributed.destroy_process_group()
+    from blues.train import exit_process
+    exit_process(0)  # a rank's end: no interpreter teardown (blues.train.distributed says why)
 
 
 if __name__ == "__main__":
