@@ -706,6 +706,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
     from blues.train import exit_process
-    exit_process(0)  # a rank's end: no interpreter teardown (blues.train.distributed says why)
+    exit_process(main())  # a rank's end: no interpreter teardown (blues.train.distributed says why)

@@ -11,10 +11,9 @@ SIGKILL included. An atexit hook repeats the unlink for a process that exits bef
 Only this rank's file of this run (its uid, address and port) is touched, never another run's.
 
 Every process group is destroyed at exit (another atexit hook): for NCCL that shuts the communicators
-down. It does not stop gloo's threads: DeepSpeed keeps references to its groups for the life of the
-process, so they would be freed, if at all, in the interpreter's teardown, where a rank that had finished
-its work aborted twice in CI. exit_process ends a rank without that teardown; every entry point that
-starts process groups (blues-train, the benchmarks, a user's own script) ends with it.
+down. It does not stop gloo's threads, which DeepSpeed keeps alive until the interpreter's teardown;
+every entry point that starts process groups (blues-train, the benchmarks, a user's own script) ends
+with exit_process, which skips that teardown (its docstring has the measurement).
 """
 from __future__ import annotations
 
